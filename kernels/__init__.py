@@ -1,0 +1,12 @@
+"""Fused Triton ops for masked autoencoders (needs only torch and triton).
+
+CUDA tensors run the Triton kernels; CPU tensors run the pure-torch references in
+`kernels.reference`, unless `TRITON_INTERPRET=1`, which runs the Triton code on the CPU.
+"""
+
+from kernels.cls_topk import cls_attention_topk
+from kernels.cross_attention import cross_attention
+from kernels.masking import random_masking
+from kernels.restore import restore_tokens
+
+__all__ = ["cls_attention_topk", "cross_attention", "random_masking", "restore_tokens"]
