@@ -99,6 +99,14 @@ class CrossAttention(nn.Module):
         out = self.ops.cross_attention(q, k, v, kv_index)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
+    def weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[B, Lq, Ly] attention probabilities averaged over heads (for pictures, not training)."""
+        b, n, c = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(b, n, h, c // h).transpose(1, 2)
+        k = self.kv(y)[..., :c].reshape(b, y.shape[1], h, c // h).transpose(1, 2)
+        return (q @ k.transpose(-2, -1) * (c // h) ** -0.5).softmax(-1).mean(1)
+
 
 class Encoded(NamedTuple):
     latent: torch.Tensor  # [B, 1 + visible, D] after the final norm, CLS first
@@ -214,17 +222,22 @@ class EmbeddingDecoder(nn.Module):
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, tgt_dim)
 
-    def forward(self, latent: torch.Tensor, tgt_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, num_queries, tgt_dim] predicted target features."""
+    def forward(self, latent: torch.Tensor, tgt_tokens: torch.Tensor | None = None,
+                return_attention: bool = False) -> torch.Tensor:
+        """[B, num_queries, tgt_dim] predicted target features, or with `return_attention` the last
+        block's query-to-memory attention [B, num_queries, memory length] (Fig. 3b, 3c)."""
         memory = self.embed(latent)
         if self.mode == "target-tokens":
             x = self.query_embed(tgt_tokens)
         else:
             x = self.queries.expand(latent.shape[0], -1, -1)
         x = x + self.pos_embed
-        for blk in self.blocks:
+        for blk in self.blocks[:-1]:
             x = blk(x, memory)
-        return self.head(self.norm(x))
+        if return_attention:
+            x = x + self.blocks[-1].attn(self.blocks[-1].norm1(x))
+            return self.blocks[-1].cross_attn.weights(self.blocks[-1].norm2(x), memory)
+        return self.head(self.norm(self.blocks[-1](x, memory)))
 
 
 class CrossMAE(nn.Module):
@@ -341,6 +354,21 @@ class CrossMAE(nn.Module):
         """L2-normalised CLS features of the unmasked encoders (retrieval, eq. 1's a and v)."""
         a, v = self.encode(audio, image)
         return F.normalize(a[:, 0].float(), dim=-1), F.normalize(v[:, 0].float(), dim=-1)
+
+    @torch.no_grad()
+    def query_attention(self, audio: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Learnable Queries' attention over the other modality's unmasked patch tokens:
+        `image` [B, audio queries, *image grid] and `audio` [B, image queries, *audio grid]."""
+        if "cross_embedding" not in self.cfg.terms:
+            return {}
+        a, v = self.encode(audio, image)
+        a_tokens = v_tokens = None
+        if self.cfg.queries == "target-tokens":
+            a_tokens, v_tokens = a[:, 1:], v[:, 1:]
+        on_image = self.image_to_audio(v, a_tokens, return_attention=True)[..., 1:]
+        on_audio = self.audio_to_image(a, v_tokens, return_attention=True)[..., 1:]
+        return {"image": on_image.unflatten(-1, self.image_encoder.grid),
+                "audio": on_audio.unflatten(-1, self.audio_encoder.grid)}
 
     @torch.no_grad()
     def visual_patch_features(self, image: torch.Tensor) -> torch.Tensor:

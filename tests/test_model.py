@@ -204,3 +204,16 @@ def test_mae_checkpoint_keys_mapped_and_skips_reported(tmp_path):
     w = vit.patch_embed.proj.weight
     torch.testing.assert_close(model.audio_encoder.patch_embed.proj.weight, w.sum(1, keepdim=True))
     torch.testing.assert_close(model.image_encoder.blocks[2].mlp.fc1.weight, vit.blocks[2].mlp.fc1.weight)
+
+
+def test_query_attention_maps():
+    model = tiny()
+    audio, image = inputs(model.cfg, batch=2)
+    maps = model.query_attention(audio, image)
+    cfg = model.cfg
+    assert maps["image"].shape == (2, cfg.num_audio_patches, *model.image_encoder.grid)
+    assert maps["audio"].shape == (2, cfg.num_image_patches, *model.audio_encoder.grid)
+    # probabilities over the memory (CLS included) sum to one; without CLS, a little less
+    total = maps["image"].flatten(2).sum(-1)
+    assert ((total > 0) & (total <= 1 + 1e-5)).all()
+    assert model.query_attention is not None and tiny("cl-av").query_attention(audio, image) == {}
