@@ -19,6 +19,7 @@ setup(
         "numpy",
         "pillow",
         "av",
+        "soundfile",
         "tqdm",
         "matplotlib",
         "pyyaml",

@@ -1,0 +1,113 @@
+"""Media helpers shared by `prepare`, `synth` and the data loaders.
+
+Audio is read with PyAV (any container or codec FFmpeg knows), resampled to the target rate and
+downmixed to mono by averaging channels. Images follow SPEC section 1: resize the short side
+(bicubic), then centre-crop a square. Frames are taken at indices `int(i * total / n)`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import av
+import numpy as np
+import soundfile
+from PIL import Image
+
+JPEG_QUALITY = 90
+
+
+class MediaError(ValueError):
+    """A media file that cannot be used; `reason` is a short category for summaries."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def resample_mono(frames: Iterable[av.AudioFrame], sample_rate: int) -> np.ndarray:
+    """Resample decoded audio frames to `sample_rate` and average the channels: float32 mono."""
+    # Keep the source layout so the downmix is a plain channel mean (swresample's mono matrix
+    # would scale a stereo sum by 1/sqrt(2) instead).
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+    chunks = []
+    for frame in frames:
+        frame.pts = None  # the resampler rejects the non-monotonic timestamps some files carry
+        chunks.extend(f.to_ndarray() for f in resampler.resample(frame))
+    chunks.extend(f.to_ndarray() for f in resampler.resample(None))
+    if not chunks:
+        return np.zeros(0, np.float32)
+    return np.concatenate(chunks, axis=1).mean(axis=0, dtype=np.float32)
+
+
+def decode_audio(container: av.container.InputContainer, sample_rate: int) -> np.ndarray:
+    """Decode the first audio stream of an open container to mono float32 at `sample_rate`."""
+    if not container.streams.audio:
+        raise MediaError("no_audio", f"{container.name} has no audio stream")
+    return resample_mono(container.decode(container.streams.audio[0]), sample_rate)
+
+
+def open_media(path: str | os.PathLike) -> av.container.InputContainer:
+    """Open a media file for reading; `MediaError` 'missing', 'empty' (0 bytes) or 'unreadable'."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise MediaError("empty", f"{path}: 0 bytes")
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except FileNotFoundError as e:
+        raise MediaError("missing", f"{path}: no such file") from e
+    except (av.FFmpegError, OSError) as e:
+        raise MediaError("unreadable", f"{path}: {e}") from e
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+    """Audio of `path` as a mono float32 array at `sample_rate` (resampled, channels averaged).
+
+    Raises `MediaError` (a `ValueError`) naming the file and a reason: 'missing', 'empty',
+    'unreadable' (cannot be opened), 'no_audio' (no audio stream) or 'corrupt' (a decode error).
+    """
+    with open_media(path) as container:
+        try:
+            return decode_audio(container, sample_rate)
+        except av.FFmpegError as e:
+            raise MediaError("corrupt", f"{path}: {e}") from e
+
+
+def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) -> None:
+    """Write mono float samples as 16-bit PCM; the format (WAV or FLAC) follows the suffix."""
+    fmt = {".wav": "WAV", ".flac": "FLAC"}.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: audio output must end in .wav or .flac")
+    buf = io.BytesIO()  # libsndfile fsyncs real files on close: slow for many small files
+    soundfile.write(buf, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format=fmt)
+    Path(path).write_bytes(buf.getvalue())
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to `size` (bicubic), then centre-crop `size` x `size`.
+
+    Sizes and offsets are torchvision's `Resize(size)` + `CenterCrop(size)` (as CAV-MAE uses):
+    long side `int(size * long / short)`, offset `int(round((new - size) / 2))`.
+    """
+    w, h = img.size
+    if w <= h:
+        nw, nh = size, int(size * h / w)
+    else:
+        nw, nh = int(size * w / h), size
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def frame_indices(total: int, n: int) -> list[int]:
+    """Indices of the `n` frames taken from a clip of `total` frames: `int(i * total / n)`."""
+    return [int(i * total / n) for i in range(n)]
+
+
+def save_jpeg(img: Image.Image, path: str | os.PathLike) -> None:
+    """Save an RGB image as a JPEG (fixed quality, no metadata: same pixels give the same bytes)."""
+    img.convert("RGB").save(path, format="JPEG", quality=JPEG_QUALITY)
