@@ -1,0 +1,33 @@
+"""Suite-wide setup: without a GPU the Triton kernels run in the interpreter on CPU tensors.
+
+TRITON_INTERPRET is read when kernels are decorated, so it is set here, before any test module
+imports triton. An explicit TRITON_INTERPRET in the environment wins.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def graph_capture():
+    """`capture(step)`: warm `step` up on a side stream (autotuning happens there), then capture it in a
+    CUDA graph; returns (the captured call's outputs, the graph). Replay refreshes those outputs."""
+
+    def capture(step):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = step()
+        return outputs, graph
+
+    return capture
