@@ -1,0 +1,47 @@
+"""Data loading: `make_loader` builds the DALI pipeline or the torch reference loader over a manifest.
+
+Both yield dicts of `audio` [B, audio_frames, audio_bins] float32 (normalised log-mel), `image`
+[B, 3, image_size, image_size] float32 (ImageNet-normalised) and `index` [B] int64 (manifest rows),
+on `device`, and agree on rows, order, frames and bad-file replacements (`clips.py` has the rules for
+shuffling, sharding and bad files).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from crossmae_fast.config import DataConfig
+from crossmae_fast.data.clips import ClipLoader, LoaderStats, log
+from crossmae_fast.data.torch_loader import TorchLoader
+
+BACKENDS = ("dali", "torch")
+_warned = False
+
+__all__ = ["BACKENDS", "ClipLoader", "LoaderStats", "make_loader"]
+
+
+def make_loader(
+    manifest: str | Path, *, backend: str = "dali", batch_size: int, train: bool, data_config: DataConfig,
+    device="cpu", rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0,
+    drop_last: bool | None = None,
+) -> ClipLoader:
+    """Loader over `manifest` for this rank: iterable of batches, with `len()`, `set_epoch()`, `stats`.
+
+    Training shuffles per epoch (`set_epoch`) and draws a random frame of `num_frames`; evaluation
+    keeps the manifest order and uses frame `eval_frame`. `drop_last` defaults to `train`.
+    `num_workers` is the DataLoader's worker count or DALI's thread count. `backend="dali"` falls
+    back to the torch loader, with one warning, when DALI cannot be imported.
+    """
+    global _warned
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    cls = TorchLoader
+    if backend == "dali":
+        try:
+            from crossmae_fast.data.dali_loader import DaliLoader as cls
+        except ImportError as e:
+            if not _warned:
+                log.warning("data: DALI is not importable (%s); using the torch loader", e)
+                _warned = True
+    return cls(manifest, batch_size=batch_size, train=train, data_config=data_config, device=device,
+               rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, drop_last=drop_last)
