@@ -1,0 +1,1 @@
+"""pytest-benchmark suite, FLOP accounting and the results report (see benchmarks/results/README.md)."""

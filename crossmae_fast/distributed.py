@@ -1,0 +1,87 @@
+"""torchrun / DDP plumbing: process group from the environment, one device per local rank, rank-0 I/O.
+
+Outside torchrun (no `WORLD_SIZE` in the environment) everything degrades to a single process.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands: global rank, world size, local rank and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(local_rank: int = 0, device: str = "auto") -> torch.device:
+    """`auto`: this local rank's GPU when CUDA is present, else the CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} asked for, but CUDA is not available")
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group (NCCL on GPUs, gloo on the CPU) when `WORLD_SIZE` > 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(local, device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world,
+                                device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, world, local, dev)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` of rank `src` on every rank (identity outside DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank (one tiny all-reduce; used for stop decisions)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on some rank."""
+    return not all_true(not flag, device)
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,267 @@
+"""Pre-training CLI, schedule, parameter groups, checkpoints and exact resume (CPU, tiny preset)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+
+from crossmae_fast import checkpoint as ckpt
+from crossmae_fast import pretrain
+from crossmae_fast.config import model_config
+from crossmae_fast.model import CrossMAE
+from crossmae_fast.synth import make_synthetic_set
+from crossmae_fast.train import TrainConfig, TrainStep, lr_at, param_groups
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """`pretrain.run` sets torch's thread count (the CLI owns its process); undo it for other tests."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """18 train / 6 eval clips at the tiny preset's sizes."""
+    return make_synthetic_set(tmp_path_factory.mktemp("synth"), clips=24, seed=3, seconds=2.7, image_size=64)
+
+
+def tiny_cfg(synth, out, **kw) -> TrainConfig:
+    base = dict(data=str(synth["train"]), out=str(out), batch_size=4, ops="reference", loader="torch", workers=0,
+                log_every=1, save_every=0, export_encoders=False, eval_pictures=0, threads=1)
+    return TrainConfig(**{**base, **kw})
+
+
+def metrics(out) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, word", [
+    (["--batch-size", "0"], "batch-size"),
+    (["--warmup", "abc"], "warmup"),
+    (["--variant", "nope"], "variant"),
+    (["--lr", "-1"], "lr"),
+    (["--variant", "cl-av", "--attentive-tokens", "zero"], "attentive_tokens"),
+    (["--device", "tpu"], "device"),
+])
+def test_bad_values_fail_before_work(argv, word, capsys):
+    with pytest.raises(SystemExit) as e:
+        pretrain.parse_args(argv)
+    assert e.value.code == 2
+    assert word in capsys.readouterr().err
+
+
+def test_config_file_then_cli_overrides(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("batch-size: 7\nsteps: 11\nwarmup: 2ep\nvariant: cl-crossemb-mae\n")
+    cfg = pretrain.parse_args(["--config", str(path), "--batch-size", "3"])
+    assert (cfg.batch_size, cfg.steps, cfg.warmup, cfg.variant) == (3, 11, "2ep", "cl-crossemb-mae")
+    assert pretrain.parse_args(["--config", str(path), "--epochs", "2"]).steps is None  # CLI epochs beat file steps
+    (tmp_path / "bad.json").write_text(json.dumps({"batch_sise": 3}))
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--config", str(tmp_path / "bad.json")])
+    assert "batch_sise" in capsys.readouterr().err
+
+
+def test_help_documents_every_field(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in TrainConfig.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_warmup_forms_and_schedule():
+    cfg = TrainConfig()
+    assert TrainConfig(warmup="7").warmup_steps(100, 10) == 7
+    assert TrainConfig(warmup="1.5ep").warmup_steps(100, 10) == 15
+    assert TrainConfig(warmup="10%").warmup_steps(200, 10) == 20
+    assert cfg.base_lr(512) == pytest.approx(1.5e-3 * 2)  # the tiny preset's default blr
+    assert TrainConfig(preset="base").base_lr(512) == pytest.approx(1.5e-4 * 2)
+    assert TrainConfig(preset="base", blr=1e-4, lr=0.5).base_lr(512) == 0.5
+    lrs = [lr_at(s, 1.0, 0.1, 10, 110) for s in range(111)]
+    assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_param_groups_follow_mae():
+    model = CrossMAE(model_config("tiny", ops="reference"))
+    no_decay, decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    nd = {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {"audio_encoder.cls_token", "image_decoder.mask_token", "audio_to_image.queries"} <= nd
+    assert "image_encoder.blocks.0.norm1.weight" in nd and "image_encoder.blocks.0.attn.qkv.bias" in nd
+    assert all(names[id(p)].endswith("weight") and p.ndim >= 2 for p in decay["params"])
+    assert len(no_decay["params"]) + len(decay["params"]) == len(list(model.parameters()))
+
+
+def test_train_step_reads_mean_of_steps():
+    torch.manual_seed(0)
+    model = CrossMAE(model_config("tiny", variant="cl-self-mae", ops="reference"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    step = TrainStep(model, opt, model.cfg.terms, torch.device("cpu"))
+    a, v = torch.randn(2, 256, 64), torch.randn(2, 3, 64, 64)
+    na, nv = torch.rand(2, 64), torch.rand(2, 64)
+    expect = model(a, v, na, nv)
+    step(a, v, na, nv)
+    step(a, v, na, nv)
+    got = step.read()
+    assert set(got) == {"loss", "contrastive", "self_recon"}
+    for k, value in got.items():
+        assert value == pytest.approx(float(expect[k].detach()), rel=1e-5)
+    assert step.count == 0 and float(step.sums.abs().sum()) == 0
+
+
+# --- runs, checkpoints, resume --------------------------------------------------------------------
+
+def stop_after(monkeypatch, calls: int, sig=signal.SIGTERM):
+    """Make the process signal itself during its `calls`-th train step (a kill between steps)."""
+    original = TrainStep.__call__
+    seen = {"n": 0}
+
+    def call(self, *args, **kw):
+        original(self, *args, **kw)
+        seen["n"] += 1
+        if seen["n"] == calls:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(TrainStep, "__call__", call)
+
+
+def test_resume_is_exact(synth, tmp_path, monkeypatch):
+    """2N steps straight == N steps, SIGTERM (checkpoint), N resumed steps: losses and weights.
+    N = 5 with 4 batches per epoch, so the resume lands mid-epoch."""
+    straight = pretrain.run(tiny_cfg(synth, tmp_path / "a", steps=10, warmup="3"))
+    assert straight["steps"] == 10 and straight["stopped"] is None
+
+    with monkeypatch.context() as m:
+        stop_after(m, 5)
+        first = pretrain.run(tiny_cfg(synth, tmp_path / "b", steps=10, warmup="3"))
+    assert first["stopped"] == "SIGTERM" and first["steps"] == 5
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b"))
+    assert (state["step"], state["epoch"], state["batch"]) == (5, 1, 1)
+    second = pretrain.run(tiny_cfg(synth, tmp_path / "b", steps=10, warmup="3", resume="auto"))
+    assert second["steps"] == 10
+
+    ref, got = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert [r["step"] for r in got] == list(range(1, 11))
+    for r, g in zip(ref, got):
+        for k in ("loss", "contrastive", "cross_conditioned", "cross_embedding", "lr"):
+            assert g[k] == pytest.approx(r[k], rel=1e-5, abs=1e-7), (r["step"], k)
+    wa = ckpt.load_checkpoint(tmp_path / "a" / ckpt.checkpoint_name(10))["model"]
+    wb = ckpt.load_checkpoint(tmp_path / "b" / ckpt.checkpoint_name(10))["model"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_resume_other_config_names_fields(synth, tmp_path):
+    pretrain.run(tiny_cfg(synth, tmp_path, steps=1))
+    with pytest.raises(ValueError, match="already holds a run"):  # a fresh start never overwrites a run
+        pretrain.run(tiny_cfg(synth, tmp_path, steps=1))
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        pretrain.run(tiny_cfg(synth, tmp_path, steps=1, resume=str(tmp_path / "nope.pt")))
+    with pytest.raises(ValueError, match=r"(?s)blr.*model\.mask_ratio|model\.mask_ratio.*blr") as e:
+        cfg = tiny_cfg(synth, tmp_path, steps=1, resume="auto", blr=3e-4)
+        state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+        state["model_config"]["mask_ratio"] = 0.5
+        torch.save(state, tmp_path / ckpt.checkpoint_name(1))
+        pretrain.run(cfg)
+    assert "batch_size" not in str(e.value)
+    assert pretrain.main(["--data", str(synth["train"]), "--out", str(tmp_path), "--resume", "auto",
+                          "--ops", "reference", "--loader", "torch", "--workers", "0"]) == 2
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    class Exploding(CrossMAE):
+        def forward(self, *args, **kw):
+            out = super().forward(*args, **kw)
+            calls["n"] += 1
+            if calls["n"] >= 3:
+                out["loss"] = out["loss"] * float("nan")
+                out["cross_embedding"] = out["cross_embedding"] * float("nan")
+            return out
+
+    monkeypatch.setattr(pretrain, "CrossMAE", Exploding)
+    cfg = tiny_cfg(synth, tmp_path, steps=8, log_every=4, save_every=2)
+    with pytest.raises(pretrain.NonFiniteLoss, match=r"steps 3-4.*cross_embedding=nan.*checkpoint-00000002"):
+        pretrain.run(cfg)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(2)]
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert [r["step"] for r in metrics(tmp_path)] == [2]  # read before the save; nothing after the NaN
+
+
+def test_sigint_saves_keeps_k_and_exports(synth, tmp_path, monkeypatch):
+    handler = signal.getsignal(signal.SIGINT)
+    stop_after(monkeypatch, 3, signal.SIGINT)
+    cfg = tiny_cfg(synth, tmp_path, steps=6, save_every=1, keep=2, export_encoders=True)
+    summary = pretrain.run(cfg)
+    assert summary["stopped"] == "SIGINT" and summary["steps"] == 3
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(2), ckpt.checkpoint_name(3)]
+    assert (tmp_path / "latest").read_text().strip() == ckpt.checkpoint_name(3)
+    assert not list(tmp_path.glob(".*tmp*"))
+    assert signal.getsignal(signal.SIGINT) is handler
+
+    monkeypatch.undo()
+    summary = pretrain.run(tiny_cfg(synth, tmp_path, steps=6, keep=2, export_encoders=True, resume="auto"))
+    assert summary["steps"] == 6
+    import timm
+
+    mcfg = model_config("tiny")
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=mcfg.image_size, patch_size=mcfg.image_patch, embed_dim=mcfg.embed_dim, depth=mcfg.depth,
+        num_heads=mcfg.num_heads, num_classes=0, global_pool="token")
+    vit.load_state_dict(torch.load(tmp_path / "encoder_image.pth", weights_only=True))
+    model = ckpt.model_from_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    torch.testing.assert_close(vit.blocks[1].mlp.fc1.weight, model.image_encoder.blocks[1].mlp.fc1.weight)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "x.pt"
+    ckpt.atomic_write(path, lambda f: f.write(b"good"))
+
+    def broken(f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ckpt.atomic_write(path, broken)
+    assert path.read_bytes() == b"good" and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_epoch_iterator_starts_mid_epoch_without_decoding_skipped(synth):
+    from crossmae_fast.config import data_config
+    from crossmae_fast.data import make_loader
+
+    loader = make_loader(synth["train"], backend="torch", batch_size=4, train=True, num_workers=0, seed=1,
+                         data_config=data_config(model_config("tiny")))
+    loader.set_epoch(2)
+    full = [b["index"].tolist() for b in pretrain.epoch_iterator(loader)]
+    decoded = []
+    original = loader.clips.frame_path
+    loader.clips.frame_path = lambda row, frame: decoded.append(row) or original(row, frame)
+    tail = [b["index"].tolist() for b in pretrain.epoch_iterator(loader, 3)]
+    assert len(full) == 4 and tail == full[3:]
+    assert sorted(decoded) == sorted(full[3])
+    assert "batches" not in vars(loader)
+
+
+def test_trim_metrics_drops_later_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)] + [json.dumps({"step": 4, "eval": {}})]
+    path.write_text("\n".join(lines) + '\n{"step": 8, "lo')
+    pretrain.trim_metrics(path, 4)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [2, 4, 4]
