@@ -1,7 +1,5 @@
 """crossmae-fast: CrossMAE audio-visual masked autoencoders with fused Triton ops."""
 
-from __future__ import annotations
-
 from typing import TYPE_CHECKING
 
 from crossmae_fast.config import DataConfig, ModelConfig, data_config, model_config
