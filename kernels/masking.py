@@ -14,16 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import masking_indices, random_masking_reference
-from kernels.utils import next_pow2, use_triton
-
-_PROGRAMS_TARGET = 1024
-"""Backward: split the batch loop into chunks until about this many programs run."""
-
-
-def _blocks(rows: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps) for a row-copy kernel: tiles of about 4K elements."""
-    block_d = min(next_pow2(D), 1024)
-    return max(1, min(next_pow2(rows), 4096 // block_d)), block_d, 4
+from kernels.utils import batch_chunk, row_blocks, use_triton
 
 
 @triton.jit
@@ -82,7 +73,7 @@ def _gather_add(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed: torch.Tensor
     if out.numel() == 0:
         return out
     pos = x if pos_embed is None else pos_embed.expand(B, L, D)  # batch stride 0 when shared
-    block_r, block_d, warps = _blocks(K, D)
+    block_r, block_d, warps = row_blocks(K, D)
     grid = (triton.cdiv(K, block_r), triton.cdiv(D, block_d), B)
     _gather_add_kernel[grid](
         x, pos, ids_keep, out, K, D,
@@ -100,9 +91,9 @@ def _gather_add_bwd(
     dx = torch.empty(B, L, D, device=grad.device, dtype=grad.dtype)
     if dx.numel() == 0:
         return dx, torch.zeros(1 if sum_pos else 0, L, D, device=grad.device, dtype=torch.float32)
-    block_r, block_d, warps = _blocks(L, D)
+    block_r, block_d, warps = row_blocks(L, D)
     tiles = triton.cdiv(L, block_r) * triton.cdiv(D, block_d)
-    b_chunk = triton.cdiv(B, min(B, max(1, _PROGRAMS_TARGET // tiles))) if sum_pos else 1
+    b_chunk = batch_chunk(B, tiles) if sum_pos else 1
     n_chunks = triton.cdiv(B, b_chunk)
     partial = torch.empty(n_chunks if sum_pos else 0, L, D, device=grad.device, dtype=torch.float32)
     grid = (triton.cdiv(L, block_r), triton.cdiv(D, block_d), n_chunks)

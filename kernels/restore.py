@@ -14,16 +14,7 @@ import triton
 import triton.language as tl
 
 from kernels.reference import restore_tokens_reference
-from kernels.utils import next_pow2, use_triton
-
-_PROGRAMS_TARGET = 1024
-"""Backward: split the batch loop into chunks until about this many programs run."""
-
-
-def _blocks(rows: int, D: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_D, num_warps) for a row-copy kernel: tiles of about 4K elements."""
-    block_d = min(next_pow2(D), 1024)
-    return max(1, min(next_pow2(rows), 4096 // block_d)), block_d, 4
+from kernels.utils import batch_chunk, row_blocks, use_triton
 
 
 @triton.jit
@@ -92,7 +83,7 @@ def _restore(
         return out
     tok = mask_token.reshape(D).contiguous()
     pos = x if pos_embed is None else pos_embed.expand(B, L, D)  # batch stride 0 when shared
-    block_r, block_d, warps = _blocks(L, D)
+    block_r, block_d, warps = row_blocks(L, D)
     grid = (triton.cdiv(L, block_r), triton.cdiv(D, block_d), B)
     _restore_kernel[grid](
         x, tok, pos, ids_restore, out, K, L, D, *x.stride(), *pos.stride(), *ids_restore.stride(),
@@ -109,14 +100,14 @@ def _restore_bwd(
     if grad.numel() == 0:
         zeros = torch.zeros(1 if sum_pos else 0, L, D, device=grad.device, dtype=torch.float32)
         return dx, grad.new_zeros(D, dtype=torch.float32), zeros
-    block_r, block_d, warps = _blocks(L, D)
-    row_blocks = triton.cdiv(L, block_r)
-    tiles = row_blocks * triton.cdiv(D, block_d)
-    b_chunk = triton.cdiv(B, min(B, max(1, _PROGRAMS_TARGET // tiles)))
+    block_r, block_d, warps = row_blocks(L, D)
+    n_row_blocks = triton.cdiv(L, block_r)
+    tiles = n_row_blocks * triton.cdiv(D, block_d)
+    b_chunk = batch_chunk(B, tiles)
     n_chunks = triton.cdiv(B, b_chunk)
-    dtok = torch.empty(n_chunks * row_blocks, D, device=grad.device, dtype=torch.float32)
+    dtok = torch.empty(n_chunks * n_row_blocks, D, device=grad.device, dtype=torch.float32)
     dpos = torch.empty(n_chunks if sum_pos else 0, L, D, device=grad.device, dtype=torch.float32)
-    grid = (row_blocks, triton.cdiv(D, block_d), n_chunks)
+    grid = (n_row_blocks, triton.cdiv(D, block_d), n_chunks)
     _restore_bwd_kernel[grid](
         grad, ids_restore, dx, dtok, dpos, B, K, L, D, b_chunk, *grad.stride(), *ids_restore.stride(),
         SUM_POS=sum_pos, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,

@@ -22,3 +22,18 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (`tl.arange` needs powers of two)."""
     return 1 << max(0, (n - 1).bit_length())
+
+
+def row_blocks(rows: int, D: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps) for a row-copy kernel: tiles of about 4K elements."""
+    block_d = min(next_pow2(D), 1024)
+    return max(1, min(next_pow2(rows), 4096 // block_d)), block_d, 4
+
+
+PROGRAMS_TARGET = 1024
+"""Backward kernels that loop over the batch split it into chunks until about this many programs run."""
+
+
+def batch_chunk(batch: int, tiles: int) -> int:
+    """Batch rows per program for a backward that loops over the batch (per-chunk partial sums, no atomics)."""
+    return -(-batch // min(batch, max(1, PROGRAMS_TARGET // tiles)))

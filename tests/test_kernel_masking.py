@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels.masking as masking
+import kernels.utils
 from kernels import random_masking
 from kernels.reference import random_masking_reference
 from kernels.utils import interpret_mode
@@ -78,7 +79,7 @@ def test_kernel_masking_mixed_dtypes_and_strided_inputs():
 
 def test_kernel_masking_batch_chunks(monkeypatch):
     """Force several batch rows per backward program (the loop that sums a shared pos_embed)."""
-    monkeypatch.setattr(masking, "_PROGRAMS_TARGET", 1)
+    monkeypatch.setattr(kernels.utils, "PROGRAMS_TARGET", 1)
     x, pos, noise = _inputs(3, 49, 24, 1, torch.float32)
     _check_against_reference(x, pos, noise, 0.75, TOL[torch.float32])
 

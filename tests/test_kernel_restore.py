@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import kernels.restore as restore
+import kernels.utils
 from kernels import restore_tokens
 from kernels.reference import restore_tokens_reference
 from kernels.utils import interpret_mode
@@ -76,7 +77,7 @@ def test_kernel_restore_mixed_dtypes_and_strided_inputs():
 
 def test_kernel_restore_batch_chunks(monkeypatch):
     """Force several batch rows per backward program (the loops that sum mask-token and pos gradients)."""
-    monkeypatch.setattr(restore, "_PROGRAMS_TARGET", 1)
+    monkeypatch.setattr(kernels.utils, "PROGRAMS_TARGET", 1)
     _check_against_reference(*_inputs(3, 49, 12, 24, 1, torch.float32), TOL[torch.float32])
 
 
