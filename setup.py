@@ -23,7 +23,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pyyaml",
-        "nvidia-dali-cuda130",
+        "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "ruff"],
