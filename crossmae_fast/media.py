@@ -2,7 +2,9 @@
 
 Audio is read with PyAV (any container or codec FFmpeg knows), resampled to the target rate and
 downmixed to mono by averaging channels. Images follow SPEC section 1: resize the short side
-(bicubic), then centre-crop a square. Frames are taken at indices `int(i * total / n)`.
+(bicubic), then centre-crop a square. Frames are taken at indices `int(i * total / n)`; the loaders'
+video mode finds them again by demuxing (`index_video`) and seeking (`read_video_frame`). A truncated
+file whose container declares no frame count (webm) reads as a shorter video, not as a bad one.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import av
 import numpy as np
@@ -51,12 +55,13 @@ def decode_audio(container: av.container.InputContainer, sample_rate: int) -> np
     return resample_mono(container.decode(container.streams.audio[0]), sample_rate)
 
 
-def open_media(path: str | os.PathLike) -> av.container.InputContainer:
-    """Open a media file for reading; `MediaError` 'missing', 'empty' (0 bytes) or 'unreadable'."""
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
+def open_media(path: str | os.PathLike | BinaryIO) -> av.container.InputContainer:
+    """Open a media file (or file object) for reading; `MediaError` 'missing', 'empty' (0 bytes) or
+    'unreadable'."""
+    if not hasattr(path, "read") and os.path.isfile(path) and os.path.getsize(path) == 0:
         raise MediaError("empty", f"{path}: 0 bytes")
     try:
-        return av.open(str(path), metadata_errors="ignore")
+        return av.open(path if hasattr(path, "read") else str(path), metadata_errors="ignore")
     except FileNotFoundError as e:
         raise MediaError("missing", f"{path}: no such file") from e
     except (av.FFmpegError, OSError) as e:
@@ -111,3 +116,70 @@ def frame_indices(total: int, n: int) -> list[int]:
 def save_jpeg(img: Image.Image, path: str | os.PathLike) -> None:
     """Save an RGB image as a JPEG (fixed quality, no metadata: same pixels give the same bytes)."""
     img.convert("RGB").save(path, format="JPEG", quality=JPEG_QUALITY)
+
+
+@dataclass
+class VideoIndex:
+    """The first video stream of a file: codec, size and the frames' timestamps (found by demuxing only).
+
+    `total` is `prepare`'s frame count (the container's, else the number of packets), so frame `i` of
+    `n` is `frame_indices(total, n)[i]` as in the JPEG frames. `pts` (presentation order) and
+    `keyframes` are empty when some packet has no timestamp: frames are then counted from the start.
+    """
+
+    codec: str
+    height: int
+    width: int
+    packets: int
+    total: int
+    pts: list[int]
+    keyframes: list[int]
+
+    def frame(self, i: int, n: int) -> int:
+        """Index of frame `i` of `n` (SPEC frame rule); `MediaError` 'truncated' when it is missing."""
+        k = frame_indices(self.total, n)[i]
+        if k >= self.packets:
+            raise MediaError("truncated", f"frame {k} wanted, {self.packets} of {self.total} present")
+        return k
+
+
+def index_video(path: str | os.PathLike, data: bytes | None = None) -> VideoIndex:
+    """Index the first video stream of `path` (or of its bytes `data`, read already); `MediaError`."""
+    with open_media(io.BytesIO(data) if data is not None else path) as c:
+        if not c.streams.video:
+            raise MediaError("no_video", f"{path} has no video stream")
+        vs = c.streams.video[0]
+        pts, keys, packets = [], [], 0
+        try:
+            for p in c.demux(vs):
+                if p.size:  # the final flush packet is empty
+                    packets += 1
+                    if p.pts is not None:
+                        pts.append(p.pts)
+                        keys += [p.pts] if p.is_keyframe else []
+        except av.FFmpegError as e:
+            raise MediaError("corrupt", f"{path}: {e}") from e
+        if len(pts) < packets:
+            pts, keys = [], []
+        return VideoIndex(vs.codec_context.name, vs.height, vs.width, packets, vs.frames or packets,
+                          sorted(pts), sorted(keys))
+
+
+def read_video_frame(path: str | os.PathLike, k: int, index: VideoIndex | None = None) -> Image.Image:
+    """Frame `k` (presentation order) of the first video stream as RGB: seek to the last keyframe at
+    or before it, then decode forward. Same pixels as decoding from the start (PyAV's RGB conversion,
+    as `prepare` uses for the JPEG frames)."""
+    index = index or index_video(path)
+    target = index.pts[k] if k < len(index.pts) else None
+    with open_media(path) as c:
+        vs = c.streams.video[0]
+        start = max((p for p in index.keyframes if p <= target), default=None) if target is not None else None
+        try:
+            if start is not None:
+                c.seek(start, stream=vs, backward=True, any_frame=False)
+            for j, f in enumerate(c.decode(vs)):
+                if (f.pts is not None and f.pts >= target) if target is not None else j == k:
+                    return f.to_image()
+        except av.FFmpegError as e:
+            raise MediaError("corrupt", f"{path}: video decode: {e}") from e
+    raise MediaError("truncated", f"{path}: no video frame {k}")

@@ -447,7 +447,8 @@ def make_train_loader(manifest, backend, cfg, dcfg, dev, rank, world):
     from crossmae_fast.data import make_loader
 
     return make_loader(manifest, backend=backend, batch_size=cfg.batch_size, train=True, data_config=dcfg,
-                       device=dev, rank=rank, world_size=world, num_workers=cfg.workers, seed=cfg.seed)
+                       device=dev, rank=rank, world_size=world, num_workers=cfg.workers, seed=cfg.seed,
+                       video=cfg.video)
 
 
 def gather_rng() -> list[dict]:

@@ -71,6 +71,8 @@ class TrainConfig:
     log_every: int = _opt("steps between progress lines / metrics records (one host sync each)", default=10)
     save_every: int = _opt("steps between checkpoints (0: only at the end)", default=50)
     keep: int = _opt("checkpoints kept (the newest)", default=2)
+    video: bool = _opt("decode the frame from each row's \"video\" file where it has one (else its JPEGs)",
+                       default=False)
     workers: int = _opt("data loader workers (DALI threads)", default=2)
     threads: int = _opt("torch CPU threads; 0 = torch's default, or 1 on a busy machine", default=0)
     device: str = _opt("'auto' (CUDA if available), 'cpu', 'cuda'", default="auto")
@@ -131,7 +133,7 @@ class TrainConfig:
 
 RESUME_FREE = frozenset({
     "eval_data", "out", "resume", "loader", "ops", "cuda_graph", "compile", "init", "log_every", "save_every",
-    "keep", "workers", "threads", "device", "time_limit", "export_encoders", "eval_pictures",
+    "keep", "video", "workers", "threads", "device", "time_limit", "export_encoders", "eval_pictures",
 })
 """TrainConfig fields a resumed run may change: they do not alter the sequence of updates."""
 RESUME_LENGTH = frozenset({"epochs", "steps"})

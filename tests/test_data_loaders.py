@@ -2,7 +2,8 @@
 
 The clips are written here: harmonic-plus-noise mixtures as 16 kHz WAV, 16 kHz FLAC and 44.1 kHz
 stereo WAV, longer and shorter than the 1024-frame target and one shorter than a single window; smooth
-random pictures (with a sharp-edged box) of several aspect ratios as JPEG frames.
+random pictures (with a sharp-edged box) of several aspect ratios as JPEG frames. Video mode: synth clips
+with VP9 files, plus VP9 and H.264 (B-frames) clips whose frames all differ.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import json
 import logging
 import sys
 import weakref
+from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import soundfile
@@ -24,8 +27,9 @@ from crossmae_fast.config import DataConfig
 from crossmae_fast.data import make_loader
 from crossmae_fast.data.clips import ClipSet, epoch_batches
 from crossmae_fast.data.fbank import image_features, kaldi_fbank
-from crossmae_fast.manifest import ManifestError, frame_path
-from crossmae_fast.media import save_jpeg
+from crossmae_fast.manifest import ManifestError, frame_path, read_manifest
+from crossmae_fast.media import frame_indices, save_jpeg
+from crossmae_fast.synth import make_synthetic_set
 
 CFG = DataConfig(audio_frames=1024, audio_bins=128, image_size=64)
 SR = 16000
@@ -277,3 +281,106 @@ def test_dali_gpu_matches_cpu(clipset):
     assert torch.equal(gpu["index"].cpu(), cpu["index"])
     assert (gpu["audio"].cpu() - cpu["audio"]).abs().max() <= 1e-3
     assert (gpu["image"].cpu() - cpu["image"]).abs().mean() <= 0.02  # nvJPEG vs libjpeg-turbo
+
+
+def write_video(path: Path, frames: list[np.ndarray], codec: str, fmt: str, **options: str) -> None:
+    with av.open(str(path), "w", format=fmt) as out:
+        vs = out.add_stream(codec, rate=25)
+        vs.height, vs.width = frames[0].shape[:2]
+        vs.pix_fmt, vs.options = "yuv420p", options
+        for k, pix in enumerate(frames):
+            f = av.VideoFrame.from_ndarray(pix, format="rgb24")
+            f.pts, f.time_base = k, Fraction(1, 25)
+            out.mux(vs.encode(f))
+        out.mux(vs.encode(None))
+
+
+def decoded(path: str) -> list[Image.Image]:
+    """Every frame, decoded from the start (the oracle of seeking)."""
+    with av.open(path) as c:
+        return [f.to_image() for f in c.decode(video=0)]
+
+
+@pytest.fixture(scope="module")
+def videoset(tmp_path_factory):
+    """4 synth clips (VP9, 64 px, frames differing only in noise) plus two clips whose 23 frames all
+    differ, with frequent keyframes (seeking matters) and a resize: VP9 80x60 and H.264 with B-frames
+    60x80. Their JPEG frames follow `prepare`'s rule."""
+    out = tmp_path_factory.mktemp("video")
+    make_synthetic_set(out, 4, seed=5, video=True, seconds=2.0, image_size=64, eval_fraction=0.5)
+    rows = read_manifest(out / "train.json") + read_manifest(out / "eval.json")
+    rng = np.random.default_rng(7)
+    for vid, codec, fmt, (w, h), opts in [("vp9", "libvpx-vp9", "webm", (80, 60), {"g": "4"}),
+                                          ("h264", "libx264", "mp4", (60, 80), {"g": "5", "bf": "2"})]:
+        path = out / f"{vid}.{fmt}"
+        write_video(path, [picture(rng, w, h) for _ in range(23)], codec, fmt, **opts)
+        frames = decoded(str(path))
+        row = {"video_id": vid, "wav": rows[0]["wav"], "video_path": str(out / "frames"), "labels": "x",
+               "video": str(path)}
+        for i, k in enumerate(frame_indices(len(frames), CFG.num_frames)):
+            save_jpeg(frames[k], frame_path(row, i))
+        rows.append(row)
+    path = out / "all.json"
+    path.write_text(json.dumps({"data": rows}))
+    return path
+
+
+def test_video_decode_matches_jpeg_frames_and_backends(videoset, caplog):
+    clips = ClipSet(videoset, CFG)
+    got = {}
+    with caplog.at_level(logging.WARNING, logger="crossmae_fast.data"):
+        for backend in ("torch", "dali"):
+            for video in (False, True):
+                got[backend, video] = epoch(videoset, backend, video=video)["image"]
+    assert any("h264" in r.getMessage() for r in caplog.records)  # DALI on the CPU: JPEG for H.264
+    # The torch loader decodes the frame of the JPEG rule (seeking), exactly as decoding from the start.
+    oracle = []
+    for r in range(len(clips)):
+        index, k = clips.video_frame(r, CFG.eval_frame)
+        assert k == frame_indices(index.total, CFG.num_frames)[CFG.eval_frame]
+        oracle.append(image_features(decoded(clips.video(r))[k], CFG))
+    assert torch.equal(got["torch", True], torch.stack(oracle))
+    vs_jpeg = (got["torch", True] - got["torch", False]).abs().mean((1, 2, 3))
+    vs_dali = (got["dali", True] - got["torch", True]).abs().mean((1, 2, 3))
+    print(f"video vs JPEG frames {vs_jpeg.numpy().round(4)}; DALI vs torch video {vs_dali.numpy().round(4)}")
+    assert vs_jpeg.max() <= 0.12  # JPEG q90 of the same decoded frame (synth: VP9 of noisy frames)
+    # FFmpeg's YUV -> RGB (and PIL's resize) vs DALI's; a neighbouring frame of the last two gives ~1.
+    # The H.264 row (last) is the JPEG frame in DALI on the CPU.
+    assert vs_dali[:-1].max() <= 0.08 and vs_dali[-1] <= 0.12
+    # Training: both backends draw the same random frame of the distinct-frame clips.
+    kw = {"train": True, "seed": 2, "batch_size": 6, "video": True}
+    train = {b: make_loader(videoset, backend=b, data_config=CFG, **kw) for b in ("dali", "torch")}
+    for ep in (0, 1):
+        batches = {}
+        for b, loader in train.items():
+            loader.set_epoch(ep)
+            batches[b] = next(iter(loader))
+        assert batches["dali"]["index"].tolist() == batches["torch"]["index"].tolist()
+        diff = (batches["dali"]["image"] - batches["torch"]["image"]).abs().mean((1, 2, 3))
+        assert diff.max() <= 0.12, diff
+
+
+def test_corrupt_video_replaced_and_counted(videoset, tmp_path, caplog):
+    rows = read_manifest(videoset)
+    (tmp_path / "notes.webm").write_text("not a video\n")
+    garbled = tmp_path / "garbled.webm"  # a valid container with random VP9 payloads after the keyframe
+    rng = np.random.default_rng(0)
+    with av.open(rows[4]["video"]) as src, av.open(str(garbled), "w", format="webm") as out:
+        s = out.add_stream_from_template(src.streams.video[0])
+        for p in src.demux(video=0):
+            if p.size:
+                q = av.Packet(bytes(p) if p.is_keyframe else rng.integers(0, 256, p.size, np.uint8).tobytes())
+                q.pts, q.dts, q.time_base, q.stream = p.pts, p.dts, p.time_base, s
+                out.mux(q)
+    rows[1] = dict(rows[1], video=str(tmp_path / "notes.webm"))
+    rows[4] = dict(rows[4], video=str(garbled))
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"data": rows}))
+    for backend in ("dali", "torch"):
+        caplog.clear()
+        loader = make_loader(path, backend=backend, batch_size=3, train=False, data_config=CFG, video=True)
+        with caplog.at_level(logging.WARNING, logger="crossmae_fast.data"):
+            assert torch.cat([b["index"] for b in loader]).tolist() == [0, 2, 2, 3, 5, 5]
+        assert sorted(loader.stats.bad) == [1, 4], (backend, loader.stats.bad)
+        assert loader.stats.replaced == 2
+        assert sum("skipped and replaced" in r.getMessage() for r in caplog.records) == 2

@@ -23,14 +23,16 @@ __all__ = ["BACKENDS", "ClipLoader", "LoaderStats", "make_loader"]
 def make_loader(
     manifest: str | Path, *, backend: str = "dali", batch_size: int, train: bool, data_config: DataConfig,
     device="cpu", rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0,
-    drop_last: bool | None = None,
+    drop_last: bool | None = None, video: bool = False,
 ) -> ClipLoader:
     """Loader over `manifest` for this rank: iterable of batches, with `len()`, `set_epoch()`, `stats`.
 
     Training shuffles per epoch (`set_epoch`) and draws a random frame of `num_frames`; evaluation
     keeps the manifest order and uses frame `eval_frame`. `drop_last` defaults to `train`.
     `num_workers` is the DataLoader's worker count or DALI's thread count. `backend="dali"` falls
-    back to the torch loader, with one warning, when DALI cannot be imported.
+    back to the torch loader, with one warning, when DALI cannot be imported. `video=True` decodes
+    the chosen frame from a row's `"video"` file (same frame rule as the JPEGs; rows without one use
+    their JPEG frames).
     """
     global _warned
     if backend not in BACKENDS:
@@ -44,4 +46,5 @@ def make_loader(
                 log.warning("data: DALI is not importable (%s); using the torch loader", e)
                 _warned = True
     return cls(manifest, batch_size=batch_size, train=train, data_config=data_config, device=device,
-               rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, drop_last=drop_last)
+               rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, drop_last=drop_last,
+               video=video)

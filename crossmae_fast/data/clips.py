@@ -10,7 +10,11 @@ manifest order in evaluation) is padded by wrapping around to a multiple of `wor
 when `len(manifest) % world_size != 0` the first few rows appear twice (once on each of two ranks),
 so every rank runs the same number of steps. `index` tells evaluation code which rows repeat.
 
-Bad files: a row whose audio or frame cannot be read or decoded is logged once, remembered as bad
+Video: with `video=True` a row with a `"video"` file takes its picture from the video itself, frame
+`frame_indices(total, num_frames)[i]` for the same `i` (random in training, `eval_frame` in evaluation)
+as the JPEG frames, which `prepare` and `synth` extract with that rule; rows without one use the JPEGs.
+
+Bad files: a row whose audio, frame or video cannot be read or decoded is logged once, remembered as bad
 for the loader's lifetime and replaced by the next good row of the manifest (wrapping around);
 `stats` counts both.
 """
@@ -26,6 +30,7 @@ import numpy as np
 
 from crossmae_fast.config import DataConfig
 from crossmae_fast.manifest import frame_path, read_manifest
+from crossmae_fast.media import VideoIndex, index_video
 
 log = logging.getLogger("crossmae_fast.data")
 
@@ -56,6 +61,14 @@ class ClipSet:
 
     def frame_path(self, row: int, frame: int) -> str:
         return frame_path(self.rows[row], frame)
+
+    def video(self, row: int) -> str | None:
+        return self.rows[row].get("video")
+
+    def video_frame(self, row: int, frame: int, data: bytes | None = None) -> tuple[VideoIndex, int]:
+        """The row's video index and the index of its frame `frame` of `num_frames` (`MediaError`)."""
+        index = index_video(self.rows[row]["video"], data)
+        return index, index.frame(frame, self.cfg.num_frames)
 
     def frame(self, row: int, train: bool, seed: int, epoch: int) -> int:
         """Training: a frame drawn from (seed, epoch, row), so both loaders agree; eval: `eval_frame`."""
@@ -92,14 +105,14 @@ class ClipLoader:
     def __init__(
         self, manifest: str | Path, *, batch_size: int, train: bool, data_config: DataConfig, device,
         rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0,
-        drop_last: bool | None = None,
+        drop_last: bool | None = None, video: bool = False,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
         self.clips = ClipSet(manifest, data_config)
         self.cfg, self.batch_size, self.train = data_config, batch_size, train
         self.device, self.rank, self.world_size = device, rank, world_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.video = num_workers, seed, video
         self.drop_last = train if drop_last is None else drop_last
         self.epoch = 0
         self.stats = LoaderStats()

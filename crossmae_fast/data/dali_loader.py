@@ -5,6 +5,12 @@ decode through nvJPEG (`mixed`), and the waveform, after CPU decoding (`decoders
 OGG; downmix and resampling to 16 kHz), goes to the GPU for the log-mel. Python only reads file bytes
 (`ClipSet` gives the same rows, order, frames and replacements as the torch loader).
 
+Video (`video=True`): a row with a `"video"` file sends its bytes and the chosen frame's index (PyAV
+demuxes the bytes to count frames, no decoding) to `decoders.video` (FFmpeg on the CPU: VP8, VP9,
+MJPEG; NVDEC through `mixed` on a GPU: also H.264, HEVC, AV1, MPEG-4); a per-sample conditional sends
+the other rows through the JPEG decoder. Rows whose codec this device's decoder lacks (H.264 on the
+CPU) use their JPEG frames, with one warning per codec.
+
 Log-mel, equal to torchaudio's Kaldi fbank with SPEC section 1's settings up to float rounding and the
 mel triangles: each 25 ms frame is cut out explicitly (hop-sized blocks side by side), loses its own DC
 offset and is pre-emphasised (0.97) as Kaldi does per frame; then `spectrogram` over the frames laid end
@@ -43,6 +49,8 @@ KALDI_EPS = float(np.finfo(np.float32).eps)
 PREEMPH = 0.97
 AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS")
 IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG")
+VIDEO_CODECS = {False: {"vp8", "vp9", "mjpeg"}, True: {"vp8", "vp9", "mjpeg", "h264", "hevc", "av1", "mpeg4"}}
+NOTHING = np.zeros(0, np.uint8)
 
 
 def read_bytes(path: str, magic: tuple[bytes, ...]) -> np.ndarray:
@@ -93,14 +101,32 @@ def resize_center_crop(image, shape, size: int):
     return fn.slice(image, start=start, shape=[size, size], axes=[0, 1])
 
 
-@pipeline_def
-def clip_pipeline(source, cfg: DataConfig, gpu: bool):
-    """(audio bytes, image bytes) from `source` -> (normalised log-mel, normalised CHW image)."""
-    audio_bytes, image_bytes = fn.external_source(source=source, num_outputs=2, batch=True, dtype=types.UINT8)
-    audio, _ = fn.decoders.audio(audio_bytes, downmix=True, sample_rate=cfg.sample_rate, dtype=types.FLOAT)
-    image = fn.decoders.image(image_bytes, device="mixed" if gpu else "cpu", output_type=types.RGB,
+def decode_jpeg(image_bytes, device: str):
+    """Decoded RGB image and its [h, w, c] shape."""
+    image = fn.decoders.image(image_bytes, device=device, output_type=types.RGB,
                               adjust_orientation=False)  # PIL ignores EXIF orientation too
-    image = resize_center_crop(image, fn.peek_image_shape(image_bytes, dtype=types.FLOAT), cfg.image_size)
+    return image, fn.peek_image_shape(image_bytes, dtype=types.FLOAT)
+
+
+@pipeline_def(enable_conditionals=True)
+def clip_pipeline(source, cfg: DataConfig, gpu: bool, video: bool = False):
+    """(audio bytes, image bytes[, video bytes, frame index, frame [h, w], use video]) from `source`
+    -> (normalised log-mel, normalised CHW image)."""
+    dev = "mixed" if gpu else "cpu"
+    if video:
+        audio_bytes, image_bytes, video_bytes, frame, hw, use_video = fn.external_source(
+            source=source, num_outputs=6, batch=True,
+            dtype=[types.UINT8, types.UINT8, types.UINT8, types.INT32, types.FLOAT, types.BOOL])
+        if use_video:  # per sample: DALI splits the batch between the branches
+            image, shape = fn.decoders.video(video_bytes, frames=frame, device=dev)[0], hw
+        else:
+            image, shape = decode_jpeg(image_bytes, dev)
+    else:
+        audio_bytes, image_bytes = fn.external_source(source=source, num_outputs=2, batch=True,
+                                                      dtype=types.UINT8)
+        image, shape = decode_jpeg(image_bytes, dev)
+    audio, _ = fn.decoders.audio(audio_bytes, downmix=True, sample_rate=cfg.sample_rate, dtype=types.FLOAT)
+    image = resize_center_crop(image, shape, cfg.image_size)
     image = fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
                                      mean=[255 * m for m in cfg.image_mean],
                                      std=[255 * s for s in cfg.image_std])
@@ -117,13 +143,13 @@ class _Feed:
     def __call__(self):
         if self.pos >= len(self.batches):
             raise StopIteration
-        rows, audio, image = [], [], []
+        rows, samples = [], []
         for row in self.batches[self.pos]:
-            row, a, i = self.loader.read(int(row))
-            rows.append(row), audio.append(a), image.append(i)
+            row, sample = self.loader.read(int(row))
+            rows.append(row), samples.append(sample)
         self.issued[self.pos:] = [rows]
         self.pos += 1
-        return audio, image
+        return [list(col) for col in zip(*samples)]
 
     def replaced(self, k: int) -> int:
         return sum(int(a != b) for a, b in zip(self.issued[k], self.batches[k]))
@@ -140,22 +166,41 @@ class DaliLoader(ClipLoader):
             self.torch_device = torch.device("cuda", torch.cuda.current_device())
         self.device_id = self.torch_device.index if self.gpu else None
         self._pipe, self._feed = None, _Feed(self, [])
+        self._codecs_warned: set[str] = set()
 
-    def read(self, row: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """(row, audio bytes, frame bytes) of `row` or of its replacement."""
+    def sample(self, row: int) -> tuple[np.ndarray, ...]:
+        """The pipeline's inputs for `row`; `OSError` / `ValueError` for a file that cannot be used."""
+        frame = self.clips.frame(row, self.train, self.seed, self.epoch)
+        audio = read_bytes(self.clips.audio[row], AUDIO_MAGIC)
+        if not self.video:
+            return audio, read_bytes(self.clips.frame_path(row, frame), IMAGE_MAGIC)
+        path = self.clips.video(row)
+        if path:
+            data = np.fromfile(path, dtype=np.uint8)
+            index, k = self.clips.video_frame(row, frame, data.tobytes())
+            if index.codec in VIDEO_CODECS[self.gpu]:
+                return (audio, NOTHING, data, np.array([k], np.int32),
+                        np.array([index.height, index.width], np.float32), np.array(True))
+            if index.codec not in self._codecs_warned:
+                self._codecs_warned.add(index.codec)
+                log.warning("data: DALI cannot decode %s video on the %s; those rows use their JPEG frames",
+                            index.codec, "GPU" if self.gpu else "CPU")
+        return (audio, read_bytes(self.clips.frame_path(row, frame), IMAGE_MAGIC), NOTHING,
+                np.zeros(1, np.int32), np.zeros(2, np.float32), np.array(False))
+
+    def read(self, row: int) -> tuple[int, tuple[np.ndarray, ...]]:
+        """(row, pipeline inputs) of `row` or of its replacement."""
         while True:
             if row in self.stats.bad:
                 row = self.clips.replacement(row, self.stats.bad)
                 continue
-            frame = self.clips.frame(row, self.train, self.seed, self.epoch)
             try:
-                return (row, read_bytes(self.clips.audio[row], AUDIO_MAGIC),
-                        read_bytes(self.clips.frame_path(row, frame), IMAGE_MAGIC))
+                return row, self.sample(row)
             except (OSError, ValueError) as e:
                 self.stats.mark_bad(row, f"{type(e).__name__}: {e}")
 
     def _build(self, source, batch_size: int, **kwargs):
-        pipe = clip_pipeline(source, self.cfg, self.gpu, batch_size=batch_size,
+        pipe = clip_pipeline(source, self.cfg, self.gpu, self.video, batch_size=batch_size,
                              num_threads=max(1, self.num_workers), device_id=self.device_id, **kwargs)
         pipe.build()
         return pipe
@@ -166,9 +211,7 @@ class DaliLoader(ClipLoader):
         rows = list(dict.fromkeys(rows))
         failed = {}
         for row in rows:
-            frame = self.clips.frame(row, self.train, self.seed, self.epoch)
-            sample = [[read_bytes(self.clips.audio[row], AUDIO_MAGIC)],
-                      [read_bytes(self.clips.frame_path(row, frame), IMAGE_MAGIC)]]
+            sample = [[x] for x in self.sample(row)]
             pipe = self._build(iter([sample]), 1, prefetch_queue_depth=1, exec_async=False,
                                exec_pipelined=False)
             try:

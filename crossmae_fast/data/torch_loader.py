@@ -3,7 +3,9 @@ torchaudio's Kaldi fbank and PIL. The fallback where DALI or a GPU is missing, a
 
 Audio is read with PyAV (`media.read_audio`: any rate resampled to 16 kHz, channels averaged). A row
 whose audio or frame fails to read or decode is replaced inside the worker by the next good row
-(`ClipSet.replacement`); the main process logs and counts it in `stats`.
+(`ClipSet.replacement`); the main process logs and counts it in `stats`. With `video=True` the frame
+of a row with a `"video"` file is decoded from it by PyAV (any codec FFmpeg reads; seek to the last
+keyframe before it, then decode forward).
 """
 
 from __future__ import annotations
@@ -17,14 +19,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from crossmae_fast.data.clips import ClipLoader, ClipSet
 from crossmae_fast.data.fbank import audio_features, image_features
-from crossmae_fast.media import read_audio
+from crossmae_fast.media import read_audio, read_video_frame
 
 
 class ClipDataset(Dataset):
     """Row -> {"audio", "image", "index", "bad", "replaced"}; `bad` lists the (row, reason) found bad here."""
 
-    def __init__(self, clips: ClipSet, train: bool, seed: int, epoch: int, bad: dict[int, str]):
-        self.clips, self.train, self.seed, self.epoch = clips, train, seed, epoch
+    def __init__(self, clips: ClipSet, train: bool, seed: int, epoch: int, bad: dict[int, str],
+                 video: bool = False):
+        self.clips, self.train, self.seed, self.epoch, self.video = clips, train, seed, epoch, video
         self.bad = dict(bad)  # this worker's copy; new finds travel back in the sample
 
     def __len__(self) -> int:
@@ -34,8 +37,12 @@ class ClipDataset(Dataset):
         cfg = self.clips.cfg
         audio = audio_features(read_audio(self.clips.audio[row], cfg.sample_rate), cfg)
         frame = self.clips.frame(row, self.train, self.seed, self.epoch)
-        with Image.open(self.clips.frame_path(row, frame)) as im:
-            image = image_features(im, cfg)
+        if self.video and self.clips.video(row):
+            index, k = self.clips.video_frame(row, frame)
+            image = image_features(read_video_frame(self.clips.video(row), k, index), cfg)
+        else:
+            with Image.open(self.clips.frame_path(row, frame)) as im:
+                image = image_features(im, cfg)
         return {"audio": audio, "image": image, "index": row}
 
     def __getitem__(self, planned: int) -> dict:
@@ -72,7 +79,7 @@ class TorchLoader(ClipLoader):
     `index` [B]."""
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        dataset = ClipDataset(self.clips, self.train, self.seed, self.epoch, self.stats.bad)
+        dataset = ClipDataset(self.clips, self.train, self.seed, self.epoch, self.stats.bad, self.video)
         device = torch.device(self.device)
         loader = DataLoader(
             dataset, batch_sampler=[b.tolist() for b in self.batches()], num_workers=self.num_workers,
