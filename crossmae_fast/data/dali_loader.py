@@ -91,14 +91,24 @@ def log_mel(audio, cfg: DataConfig, gpu: bool):
 
 
 def resize_center_crop(image, shape, size: int):
-    """`media.resize_center_crop` in DALI: short side to `size` with the long side rounded, bicubic
-    (antialiased when shrinking, as PIL), then a `size` square at `(new - size) // 2`."""
+    """`media.resize_center_crop` in DALI: short side to `size`, long side `floor(size * long / short)`,
+    bicubic (antialiased when shrinking, as PIL), then a `size` square at `round((new - size) / 2)`
+    with Python's round-half-to-even (torchvision's `CenterCrop` rule)."""
     h, w = shape[0], shape[1]
-    scale = size / dmath.min(h, w)
-    nh, nw = (dmath.max(size, dmath.floor(x * scale + 0.5)) for x in (h, w))
+    short = dmath.min(h, w)
+    nh, nw = (dmath.max(size, dmath.floor(x * size / short)) for x in (h, w))
     image = fn.resize(image, size=fn.stack(nh, nw), interp_type=types.INTERP_CUBIC, antialias=True)
-    start = fn.cast(fn.stack(dmath.floor((nh - size) / 2), dmath.floor((nw - size) / 2)), dtype=types.INT32)
+    start = fn.cast(fn.stack(_round_half_even((nh - size) / 2), _round_half_even((nw - size) / 2)),
+                    dtype=types.INT32)
     return fn.slice(image, start=start, shape=[size, size], axes=[0, 1])
+
+
+def _round_half_even(half):
+    """Python's `round` for values that are whole or halves (the crop offsets)."""
+    low = dmath.floor(half)
+    frac = half - low  # 0 or 0.5
+    low_is_odd = low - 2 * dmath.floor(low / 2)
+    return low + 2 * frac * low_is_odd
 
 
 def decode_jpeg(image_bytes, device: str):
@@ -246,8 +256,10 @@ class DaliLoader(ClipLoader):
                 while True:
                     audio, image = self._pipe.run()
                     rows = torch.tensor(feed.issued[done], dtype=torch.int64)
+                    if self.torch_device.type == "cuda":  # pinned: the copy below must not sync
+                        rows = rows.pin_memory()
                     batch = {"audio": self._to_torch(audio), "image": self._to_torch(image),
-                             "index": rows.to(self.torch_device)}
+                             "index": rows.to(self.torch_device, non_blocking=True)}
                     self.stats.replaced += feed.replaced(done)
                     done += 1
                     yield batch
