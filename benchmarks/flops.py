@@ -44,24 +44,25 @@ def encoder(cfg: ModelConfig, patches: int, pixels: int, masked: bool) -> int:
 
 
 def recon_decoder(cfg: ModelConfig, patches: int, pixels: int, cond_visible: int | None, attentive: int) -> int:
-    """MAE decoder on CLS + all patches; with `cond_visible` the Cross-Conditioned layer first
-    (its K/V projection runs on all of the other modality's visible tokens, attention on `attentive`)."""
+    """MAE decoder on CLS + all patches; with `cond_visible` the Cross-Conditioned layer first: queries
+    are the visible patch tokens, its K/V projection runs on all of the other modality's visible
+    tokens, attention on `attentive` of them."""
     d, dd = cfg.embed_dim, cfg.decoder_dim
-    n_in = 1 + cfg.num_visible(patches)
-    flops = linear(n_in, d, dd)
+    vis = cfg.num_visible(patches)
+    flops = linear(1 + vis, d, dd)
     if cond_visible is not None:
-        flops += (2 * linear(n_in, dd, dd) + linear(cond_visible, d, 2 * dd) + attention(n_in, attentive, dd))
+        flops += (2 * linear(vis, dd, dd) + linear(cond_visible, d, 2 * dd) + attention(vis, attentive, dd))
     flops += cfg.decoder_depth * block(1 + patches, dd, cfg.mlp_ratio)
     return flops + linear(1 + patches, dd, pixels)
 
 
 def embedding_decoder(cfg: ModelConfig, src_patches: int, tgt_patches: int) -> int:
-    """Cross-Embedding decoder: `tgt_patches` queries attend to the source's CLS + visible tokens."""
+    """Cross-Embedding decoder: `tgt_patches` queries attend to the source's visible patch tokens."""
     d, dd = cfg.embed_dim, cfg.decoder_dim
-    mem, q = 1 + cfg.num_visible(src_patches), tgt_patches
+    mem, q = cfg.num_visible(src_patches), tgt_patches
     per_block = (block(q, dd, cfg.mlp_ratio) + 2 * linear(q, dd, dd) + linear(mem, dd, 2 * dd)
                  + attention(q, mem, dd))
-    queries = linear(q, d, dd) if cfg.queries == "target-tokens" else 0
+    queries = linear(cfg.num_visible(tgt_patches), d, dd) if cfg.queries == "target-tokens" else 0
     return linear(mem, d, dd) + queries + cfg.emb_decoder_depth * per_block + linear(q, dd, d)
 
 

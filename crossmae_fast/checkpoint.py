@@ -133,7 +133,8 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    missing = {"model", "step", "model_config", "train_config"} - set(state if isinstance(state, dict) else ())
+    required = {"model", "optimizer", "step", "epoch", "batch", "rng", "model_config", "train_config"}
+    missing = required - set(state if isinstance(state, dict) else ())
     if missing:
         raise ValueError(f"{path}: not a crossmae_fast training checkpoint (missing {', '.join(sorted(missing))})")
     return state

@@ -13,8 +13,8 @@ visual [B, D]) L2-normalised, `model.visual_patch_features(image)` -> [B, h*w, D
 `model(audio, image, noise_audio, noise_image)`'s dict (`audio_mask`, `image_mask`, `audio_pred`,
 `image_pred`, `audio_attentive`, `image_attentive`: full-grid indices), plus optionally
 `model.query_attention(audio, image)` -> {"image": [B, Q, *image_grid], "audio": [B, Q, *audio_grid]},
-the Learnable Queries' attention over the tokens of the named modality (mean over heads and blocks,
-masked positions 0). Parts the model lacks are skipped with a log line.
+the Learnable Queries' attention (last Cross-Embedding block, mean over heads) over the unmasked
+patch tokens of the named modality. Parts the model lacks are skipped with a log line.
 """
 
 from __future__ import annotations

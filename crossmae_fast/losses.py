@@ -10,6 +10,8 @@ import torch.nn.functional as F
 def patchify_image(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], MAE's patch order and channel-last pixels."""
     b, c, h, w = imgs.shape
+    if h % p or w % p:
+        raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {p}")
     x = imgs.reshape(b, c, h // p, p, w // p, p)
     return torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 

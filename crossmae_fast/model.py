@@ -21,6 +21,7 @@ from crossmae_fast import losses
 from crossmae_fast.config import ModelConfig
 from crossmae_fast.pos_embed import sincos_2d
 from kernels import reference
+from kernels.utils import use_triton
 
 
 def norm_layer(dim: int) -> nn.LayerNorm:
@@ -171,10 +172,11 @@ class ReconDecoder(nn.Module):
                 cond_index: torch.Tensor | None = None) -> torch.Tensor:
         """[B, L, patch_pixels] predictions in the original patch order."""
         x = self.embed(latent)
-        if cond is not None:
-            x = x + self.cross_attn(self.cross_norm(x), cond, cond_index)
-        tokens = self.ops.restore_tokens(x[:, 1:], self.mask_token, ids_restore, self.pos_embed[:, 1:])
-        x = torch.cat([x[:, :1] + self.pos_embed[:, :1], tokens], dim=1)
+        cls, tokens = x[:, :1], x[:, 1:]
+        if cond is not None:  # queries: the visible patch tokens (SPEC section 2)
+            tokens = tokens + self.cross_attn(self.cross_norm(tokens), cond, cond_index)
+        tokens = self.ops.restore_tokens(tokens, self.mask_token, ids_restore, self.pos_embed[:, 1:])
+        x = torch.cat([cls + self.pos_embed[:, :1], tokens], dim=1)
         for blk in self.blocks:
             x = blk(x)
         return self.pred(self.norm(x))[:, 1:]
@@ -199,9 +201,9 @@ class EmbeddingBlock(nn.Module):
 
 
 class EmbeddingDecoder(nn.Module):
-    """Cross-Embedding decoder X -> Y: one query per Y patch attends to X's visible tokens and
-    predicts Y's encoder features. Queries are learnable, empty (zero, frozen) or Y's own patch
-    tokens (the `target-tokens` ablation)."""
+    """Cross-Embedding decoder X -> Y: one query per Y patch attends to X's visible patch tokens and
+    predicts Y's encoder features. Queries are learnable, empty (zero, frozen) or Y's own visible
+    encoder tokens put back on Y's grid with a mask token where Y was masked (`target-tokens`)."""
 
     def __init__(self, cfg: ModelConfig, src_dim: int, tgt_dim: int, tgt_grid: tuple[int, int],
                  ops: SimpleNamespace):
@@ -215,6 +217,8 @@ class EmbeddingDecoder(nn.Module):
             self.register_buffer("queries", torch.zeros(1, num_queries, dim), persistent=False)
         else:
             self.query_embed = nn.Linear(tgt_dim, dim)
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.ops = ops
         self.register_buffer("pos_embed", sincos_2d(dim, tgt_grid)[None], persistent=False)
         self.blocks = nn.ModuleList(
             EmbeddingBlock(dim, cfg.decoder_heads, cfg.mlp_ratio, ops) for _ in range(cfg.emb_decoder_depth)
@@ -222,13 +226,14 @@ class EmbeddingDecoder(nn.Module):
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, tgt_dim)
 
-    def forward(self, latent: torch.Tensor, tgt_tokens: torch.Tensor | None = None,
+    def forward(self, latent: torch.Tensor, tgt: tuple[torch.Tensor, torch.Tensor] | None = None,
                 return_attention: bool = False) -> torch.Tensor:
         """[B, num_queries, tgt_dim] predicted target features, or with `return_attention` the last
-        block's query-to-memory attention [B, num_queries, memory length] (Fig. 3b, 3c)."""
-        memory = self.embed(latent)
+        block's query-to-memory attention [B, num_queries, X's visible patches] (Fig. 3b, 3c).
+        `tgt` = (Y's visible encoder tokens without CLS, Y's ids_restore), for `target-tokens` only."""
+        memory = self.embed(latent[:, 1:])
         if self.mode == "target-tokens":
-            x = self.query_embed(tgt_tokens)
+            x = self.ops.restore_tokens(self.query_embed(tgt[0]), self.mask_token, tgt[1])
         else:
             x = self.queries.expand(latent.shape[0], -1, -1)
         x = x + self.pos_embed
@@ -268,8 +273,8 @@ class CrossMAE(nn.Module):
         for module in self.modules():
             if isinstance(module, ReconDecoder):
                 nn.init.normal_(module.mask_token, std=0.02)
-            if isinstance(module, EmbeddingDecoder) and module.mode == "learnable":
-                nn.init.normal_(module.queries, std=0.02)
+            if isinstance(module, EmbeddingDecoder) and module.mode != "empty":
+                nn.init.normal_(module.queries if module.mode == "learnable" else module.mask_token, std=0.02)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -297,6 +302,9 @@ class CrossMAE(nn.Module):
     def forward(self, audio: torch.Tensor, image: torch.Tensor, noise_audio: torch.Tensor | None = None,
                 noise_image: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         cfg, terms = self.cfg, self.cfg.terms
+        if cfg.ops == "triton" and not use_triton(audio):
+            raise ValueError("ops='triton' needs CUDA tensors or TRITON_INTERPRET=1; ops='auto' uses the "
+                             "references on the CPU")
         a = self.audio_encoder(audio.unsqueeze(1), cfg.mask_ratio, noise_audio)
         v = self.image_encoder(image, cfg.mask_ratio, noise_image)
         a_global = F.normalize(a.latent[:, 0].float(), dim=-1)
@@ -330,7 +338,7 @@ class CrossMAE(nn.Module):
                 v_full = self.image_encoder(image).latent[:, 1:]
             a_tokens = v_tokens = None
             if cfg.queries == "target-tokens":
-                a_tokens, v_tokens = a_full, v_full
+                a_tokens, v_tokens = (a.latent[:, 1:], a.ids_restore), (v.latent[:, 1:], v.ids_restore)
             a_hat = self.image_to_audio(v.latent, a_tokens)
             v_hat = self.audio_to_image(a.latent, v_tokens)
             out["cross_embedding"] = losses.embedding_loss(
@@ -363,10 +371,11 @@ class CrossMAE(nn.Module):
             return {}
         a, v = self.encode(audio, image)
         a_tokens = v_tokens = None
-        if self.cfg.queries == "target-tokens":
-            a_tokens, v_tokens = a[:, 1:], v[:, 1:]
-        on_image = self.image_to_audio(v, a_tokens, return_attention=True)[..., 1:]
-        on_audio = self.audio_to_image(a, v_tokens, return_attention=True)[..., 1:]
+        if self.cfg.queries == "target-tokens":  # unmasked: every token visible, in place
+            a_tokens = (a[:, 1:], torch.arange(a.shape[1] - 1, device=a.device).expand(a.shape[0], -1))
+            v_tokens = (v[:, 1:], torch.arange(v.shape[1] - 1, device=v.device).expand(v.shape[0], -1))
+        on_image = self.image_to_audio(v, a_tokens, return_attention=True)
+        on_audio = self.audio_to_image(a, v_tokens, return_attention=True)
         return {"image": on_image.unflatten(-1, self.image_encoder.grid),
                 "audio": on_audio.unflatten(-1, self.audio_encoder.grid)}
 

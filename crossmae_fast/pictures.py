@@ -19,22 +19,14 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from crossmae_fast.losses import patchify_audio, patchify_image
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 Array = torch.Tensor | np.ndarray
 
 
 # ------------------------------------------------------------------ patch layout
-
-def patchify_image(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, 3, H, W] -> [B, (H/p)*(W/p), p*p*3], MAE's order (row-major patches, pixels then channels)."""
-    b, c, hh, ww = imgs.shape
-    if hh % p or ww % p:
-        raise ValueError(f"image size {hh}x{ww} is not a multiple of the patch size {p}")
-    h, w = hh // p, ww // p
-    x = imgs.reshape(b, c, h, p, w, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(b, h * w, p * p * c)
-
 
 def unpatchify_image(x: torch.Tensor, p: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
     """[B, L, p*p*3] -> [B, 3, H, W]; the grid defaults to square."""
@@ -44,11 +36,6 @@ def unpatchify_image(x: torch.Tensor, p: int, grid: tuple[int, int] | None = Non
         raise ValueError(f"cannot unpatchify [{b}, {length}, {dim}] with patch {p} on grid {(h, w)}")
     x = x.reshape(b, h, w, p, p, 3)
     return torch.einsum("nhwpqc->nchpwq", x).reshape(b, 3, h * p, w * p)
-
-
-def patchify_audio(spec: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, T, F] -> [B, (T/p)*(F/p), p*p]: a 1-channel image with time as height, so tokens are time-major."""
-    return patchify_image(spec.unsqueeze(1), p)
 
 
 def unpatchify_audio(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Tensor:

@@ -290,8 +290,6 @@ def run(cfg: TrainConfig) -> dict:
         net = torch.compile(net)
     # DDP rebuilds its buckets during the first iterations: 11 eager ones before capture (torch docs)
     train_step = TrainStep(net, opt, mcfg.terms, dev, precision, cfg.cuda_graph, warmup=11 if world > 1 else 3)
-    if state is not None:
-        train_step.bind_lr()
 
     metrics_path = out / "metrics.jsonl"
     if main_proc:

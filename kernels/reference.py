@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F  # noqa: F401
+import torch.nn.functional as F
 
 # --- random masking -----------------------------------------------------------------------------
 

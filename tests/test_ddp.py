@@ -79,7 +79,8 @@ def test_ddp_step_equals_combined_batch(tmp_path, variant):
     moved = 0
     for k, w in model.state_dict().items():  # so are the gradients (SGD, lr 1: the weight change)
         delta, delta_ddp = w - before[k], got["weights"][k] - before[k]
-        torch.testing.assert_close(delta_ddp, delta, rtol=1e-4, atol=1e-7, msg=k)
+        # the change is read back from weights near 1 (norms): one fp32 ulp there is eps, 1.19e-7
+        torch.testing.assert_close(delta_ddp, delta, rtol=1e-4, atol=2 * torch.finfo(torch.float32).eps, msg=k)
         moved += int(delta.abs().max() > 0)
     assert moved > 0.9 * len(before)
 
