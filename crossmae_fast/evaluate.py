@@ -8,8 +8,8 @@ the L2-normalised CLS features of the unmasked encoders); localization over the 
 `--map-size`). Prints both tables and writes `metrics.json` and, for the first K clips (those with
 boxes first), PNG pictures under `pictures/`.
 
-Model API used: `model.cfg` (a `ModelConfig`), `model.global_features(audio, image)` -> (audio [B, D],
-visual [B, D]) L2-normalised, `model.visual_patch_features(image)` -> [B, h*w, D], and for pictures
+Model API used: `model.cfg` (a `ModelConfig`), `model.eval_features(audio, image)` -> (audio [B, D],
+visual [B, D] L2-normalised global features, visual patch features [B, h*w, D]), and for pictures
 `model(audio, image, noise_audio, noise_image)`'s dict (`audio_mask`, `image_mask`, `audio_pred`,
 `image_pred`, `audio_attentive`, `image_attentive`: full-grid indices), plus optionally
 `model.query_attention(audio, image)` -> {"image": [B, Q, *image_grid], "audio": [B, Q, *audio_grid]},
@@ -100,14 +100,14 @@ def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path |
         sel = torch.tensor(fresh, device=audio.device)
         audio, image, index = audio[sel], image[sel], [index[i] for i in fresh]
         seen.update(index)
-        a, v = model.global_features(audio, image)
+        a, v, patches = model.eval_features(audio, image)
         for i, r in enumerate(index):
             feats_a[r], feats_v[r] = a[i].float().cpu(), v[i].float().cpu()
         boxed = [i for i, r in enumerate(index) if "bbox" in rows[r]]
         maps = {}
         if boxed:
             b = torch.tensor(boxed, device=audio.device)
-            m = localization_map(a[b], model.visual_patch_features(image[b]), cfg.image_grid, map_size)
+            m = localization_map(a[b], patches[b], cfg.image_grid, map_size)
             gt = torch.stack([ground_truth(rows[index[i]], map_size, gt_mode, dcfg.eval_frame)
                               for i in boxed])
             scores.append(ciou(m.cpu(), gt))

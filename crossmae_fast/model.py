@@ -358,10 +358,16 @@ class CrossMAE(nn.Module):
         return a, v
 
     @torch.no_grad()
-    def global_features(self, audio: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised CLS features of the unmasked encoders (retrieval, eq. 1's a and v)."""
+    def eval_features(self, audio: torch.Tensor, image: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(audio global, image global, image patch features [B, L, D]) from one unmasked pass of each
+        encoder; the global features are the L2-normalised CLS outputs (eq. 1's a and v)."""
         a, v = self.encode(audio, image)
-        return F.normalize(a[:, 0].float(), dim=-1), F.normalize(v[:, 0].float(), dim=-1)
+        return F.normalize(a[:, 0].float(), dim=-1), F.normalize(v[:, 0].float(), dim=-1), v[:, 1:]
+
+    def global_features(self, audio: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised CLS features of the unmasked encoders (retrieval)."""
+        return self.eval_features(audio, image)[:2]
 
     @torch.no_grad()
     def query_attention(self, audio: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
