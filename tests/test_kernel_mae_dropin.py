@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_marks import DEVICE, needs_triton
 from torch import nn
 
 from kernels import random_masking, restore_tokens
-from kernels.utils import interpret_mode
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and not interpret_mode(), reason="needs TRITON_INTERPRET=1 or a GPU"
-)
+pytestmark = needs_triton
 
 
 def mae_random_masking(x, mask_ratio, noise):

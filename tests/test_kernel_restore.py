@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_marks import DEVICE, needs_cuda, needs_triton
 
 import kernels.restore as restore
 import kernels.utils
 from kernels import restore_tokens
 from kernels.reference import restore_tokens_reference
-from kernels.utils import interpret_mode
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and not interpret_mode(), reason="needs TRITON_INTERPRET=1 or a GPU"
-)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+pytestmark = needs_triton
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 CASES = [  # B, L, K (visible), D, pos_embed batch (0: none)
     (1, 1, 1, 24, 1),

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_marks import DEVICE, needs_cuda, needs_triton
 
 from kernels import cls_attention_topk
 from kernels.cls_topk import ClsAttentionProbs
 from kernels.reference import cls_attention_topk_reference
-from kernels.utils import interpret_mode
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(
-    DEVICE == "cpu" and not interpret_mode(), reason="needs TRITON_INTERPRET=1 or a GPU"
-)
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+pytestmark = needs_triton
 TOL = {torch.float32: 1e-5, torch.float16: 1e-5}  # fp16 inputs, fp32 math in both
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}  # dq/dk are rounded to the input dtype
 CASES = [  # B, H, N (non-CLS keys), D

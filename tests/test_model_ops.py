@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_marks import needs_triton
 
 from crossmae_fast import CrossMAE, model_config
-from kernels.utils import interpret_mode
-
-needs_triton = pytest.mark.skipif(
-    not (interpret_mode() or torch.cuda.is_available()), reason="needs TRITON_INTERPRET=1 or a GPU"
-)
 
 
 @needs_triton
