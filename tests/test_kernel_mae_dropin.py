@@ -7,25 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_marks import DEVICE, needs_triton
+from mae_style import mae_random_masking
 from torch import nn
 
 from kernels import random_masking, restore_tokens
 
 pytestmark = needs_triton
-
-
-def mae_random_masking(x, mask_ratio, noise):
-    """MAE's per-sample masking: sort the noise, keep the lowest, remember how to undo the shuffle."""
-    batch, length, dim = x.shape
-    len_keep = int(length * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    keep_index = ids_shuffle[:, :len_keep].unsqueeze(-1).repeat(1, 1, dim)
-    x_masked = torch.gather(x, dim=1, index=keep_index)
-    mask = torch.ones([batch, length], device=x.device)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked, mask, ids_restore
 
 
 class TinyMAE(nn.Module):

@@ -6,6 +6,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from mae_style import mae_random_masking
 
 from crossmae_fast import CrossMAE, model_config
 from crossmae_fast.config import VARIANTS
@@ -88,20 +89,6 @@ def test_ablations_run_and_train(kw):
 def test_invalid_config_raises(kw):
     with pytest.raises(ValueError):
         model_config(**{"preset": "tiny", **kw})
-
-
-def mae_random_masking(x, mask_ratio, noise):
-    """MAE's random_masking, as in models_mae.py."""
-    n, length, d = x.shape
-    len_keep = int(length * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :len_keep]
-    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, d))
-    mask = torch.ones([n, length])
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, dim=1, index=ids_restore)
-    return x_masked, mask, ids_restore
 
 
 def test_masking_matches_mae():
