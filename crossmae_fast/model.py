@@ -32,18 +32,8 @@ def resolve_ops(name: str) -> SimpleNamespace:
     """`reference`: pure torch everywhere. `triton` / `auto`: the fused ops, which run Triton on
     CUDA tensors (and on CPU under TRITON_INTERPRET=1) and their references on CPU otherwise."""
     if name == "reference":
-        return SimpleNamespace(
-            random_masking=reference.random_masking_reference,
-            restore_tokens=reference.restore_tokens_reference,
-            cls_attention_topk=reference.cls_attention_topk_reference,
-            cross_attention=reference.cross_attention_reference,
-        )
-    return SimpleNamespace(
-        random_masking=kernels.random_masking,
-        restore_tokens=kernels.restore_tokens,
-        cls_attention_topk=kernels.cls_attention_topk,
-        cross_attention=kernels.cross_attention,
-    )
+        return SimpleNamespace(**{op: getattr(reference, f"{op}_reference") for op in kernels.__all__})
+    return SimpleNamespace(**{op: getattr(kernels, op) for op in kernels.__all__})
 
 
 class Attention(nn.Module):
