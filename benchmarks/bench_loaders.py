@@ -17,7 +17,7 @@ import torch
 
 from crossmae_fast.config import data_config, model_config
 from crossmae_fast.data import make_loader
-from crossmae_fast.synth import make_synthetic_set
+from crossmae_fast.data.synthetic import make_synthetic_set
 
 CLIPS, THREADS, BATCH = 32, 2, 8
 RESULTS: dict[str, float] = {}

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import common, flops
 from crossmae_fast import CrossMAE, model_config
-from crossmae_fast.train import TrainConfig, TrainStep, make_optimizer
+from crossmae_fast.train.step import TrainConfig, TrainStep, make_optimizer
 
 IMPLS = {  # impl -> (ops, torch.compile, CUDA graph)
     "reference": ("reference", False, False),

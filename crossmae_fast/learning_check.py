@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from crossmae_fast.synth import make_synthetic_set
+from crossmae_fast.data.synthetic import make_synthetic_set
 
 RETRIEVAL_FACTOR = 3.0
 LOCALIZATION_FACTOR = 1.5

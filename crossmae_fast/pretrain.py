@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossmae_fast import checkpoint as ckpt
-from crossmae_fast import distributed
 from crossmae_fast.config import data_config, model_config
-from crossmae_fast.model import CrossMAE
-from crossmae_fast.train import RESUME_FREE, RESUME_LENGTH, TrainConfig, TrainStep, lr_at, make_optimizer
+from crossmae_fast.model.crossmae import CrossMAE
+from crossmae_fast.train import checkpoint as ckpt
+from crossmae_fast.train import distributed
+from crossmae_fast.train.step import RESUME_FREE, RESUME_LENGTH, TrainConfig, TrainStep, lr_at, make_optimizer
 
 log = logging.getLogger("crossmae_fast.pretrain")
 
@@ -118,7 +118,7 @@ def cache_root() -> Path:
 def synthetic_set(cfg: TrainConfig, image_size: int) -> dict[str, Path]:
     """Manifests of the default synthetic set, generated once into a folder named for its parameters
     (and the generator's source), built in a temporary folder and renamed into place."""
-    from crossmae_fast import synth
+    from crossmae_fast.data import synthetic as synth
 
     params = dict(clips=cfg.synth_clips, seed=0, seconds=cfg.synth_seconds, image_size=image_size)
     digest = hashlib.sha1(json.dumps(params, sort_keys=True).encode() + Path(synth.__file__).read_bytes())
@@ -257,7 +257,7 @@ def run(cfg: TrainConfig) -> dict:
     seed_all(cfg.seed)  # identical initial weights on every rank
     model = CrossMAE(mcfg).to(dev)
     if cfg.init and state is None:
-        from crossmae_fast.pretrained import load_mae_checkpoint
+        from crossmae_fast.model.weights import load_mae_checkpoint
 
         load_mae_checkpoint(model, cfg.init)
     loader = make_train_loader(train_manifest, cfg.loader, cfg, dcfg, dev, rank, world)
@@ -480,7 +480,7 @@ def _record_step(line: str) -> float:
 def final_evaluation(model, manifest, cfg: TrainConfig, dev, metrics_path: Path, step: int) -> dict | None:
     """Retrieval / localization summary from `crossmae_fast.evaluate`, when that module provides it."""
     try:
-        from crossmae_fast import evaluate
+        from crossmae_fast.eval import evaluator as evaluate
     except ImportError as e:
         log.info("evaluation: skipped (crossmae_fast.evaluate not importable: %s)", e)
         return None

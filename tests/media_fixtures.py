@@ -16,7 +16,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from crossmae_fast.media import save_jpeg, write_audio
+from crossmae_fast.data.media import save_jpeg, write_audio
 
 
 def frame_level(k: int, total: int) -> int:

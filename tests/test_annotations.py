@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from crossmae_fast import annotations as ann
-from crossmae_fast.metrics import gt_from_boxes
+from crossmae_fast.data import box_annotations as ann
+from crossmae_fast.eval.metrics import gt_from_boxes
 
 
 def flickr_xml(boxes, named=False):

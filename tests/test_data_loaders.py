@@ -27,9 +27,9 @@ from crossmae_fast.config import DataConfig
 from crossmae_fast.data import make_loader
 from crossmae_fast.data.clips import ClipSet, epoch_batches
 from crossmae_fast.data.fbank import image_features, kaldi_fbank
-from crossmae_fast.manifest import ManifestError, frame_path, read_manifest
-from crossmae_fast.media import frame_indices, save_jpeg
-from crossmae_fast.synth import make_synthetic_set
+from crossmae_fast.data.manifest import ManifestError, frame_path, read_manifest
+from crossmae_fast.data.media import frame_indices, save_jpeg
+from crossmae_fast.data.synthetic import make_synthetic_set
 
 CFG = DataConfig(audio_frames=1024, audio_bins=128, image_size=64)
 SR = 16000

@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from crossmae_fast.config import model_config
-from crossmae_fast.model import CrossMAE
-from crossmae_fast.train import TrainStep
+from crossmae_fast.model.crossmae import CrossMAE
+from crossmae_fast.train.step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 3  # per rank; odd on purpose
@@ -86,7 +86,7 @@ def test_ddp_step_equals_combined_batch(tmp_path, variant):
 
 
 def test_torchrun_cli(tmp_path):
-    from crossmae_fast.synth import make_synthetic_set
+    from crossmae_fast.data.synthetic import make_synthetic_set
 
     data = make_synthetic_set(tmp_path / "synth", clips=16, seed=5, seconds=2.7, image_size=64)
     out = tmp_path / "run"

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from crossmae_fast.manifest import ManifestError, frame_path, read_manifest, validate, write_manifest
+from crossmae_fast.data.manifest import ManifestError, frame_path, read_manifest, validate, write_manifest
 
 
 def row(i: int, **extra) -> dict:

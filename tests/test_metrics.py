@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from crossmae_fast.metrics import (
+from crossmae_fast.eval.metrics import (
     gt_from_boxes,
     localization_map,
     localization_metrics,

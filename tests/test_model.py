@@ -10,8 +10,8 @@ from mae_style import mae_random_masking
 
 from crossmae_fast import CrossMAE, model_config
 from crossmae_fast.config import VARIANTS
-from crossmae_fast.losses import contrastive_loss
-from crossmae_fast.pretrained import encoder_state_dict, load_mae_checkpoint
+from crossmae_fast.model.losses import contrastive_loss
+from crossmae_fast.model.weights import encoder_state_dict, load_mae_checkpoint
 
 ALL_TERMS = {"contrastive", "self_recon", "cross_conditioned", "cross_embedding"}
 

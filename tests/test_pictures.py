@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from crossmae_fast import pictures as pic
+from crossmae_fast.eval import pictures as pic
 
 
 def test_patchify_roundtrip_and_layout():

@@ -10,12 +10,12 @@ import signal
 import pytest
 import torch
 
-from crossmae_fast import checkpoint as ckpt
 from crossmae_fast import pretrain
 from crossmae_fast.config import model_config
-from crossmae_fast.model import CrossMAE
-from crossmae_fast.synth import make_synthetic_set
-from crossmae_fast.train import TrainConfig, TrainStep, lr_at, param_groups
+from crossmae_fast.data.synthetic import make_synthetic_set
+from crossmae_fast.model.crossmae import CrossMAE
+from crossmae_fast.train import checkpoint as ckpt
+from crossmae_fast.train.step import TrainConfig, TrainStep, lr_at, param_groups
 
 
 @pytest.fixture(autouse=True)

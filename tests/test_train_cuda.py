@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from crossmae_fast.config import model_config
-from crossmae_fast.model import CrossMAE
-from crossmae_fast.train import TrainConfig, TrainStep, make_optimizer
+from crossmae_fast.model.crossmae import CrossMAE
+from crossmae_fast.train.step import TrainConfig, TrainStep, make_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -87,7 +87,7 @@ def test_internal_noise_varies_between_replays():
 
 def test_cli_runs_with_cuda_graph(tmp_path):
     from crossmae_fast import pretrain
-    from crossmae_fast.synth import make_synthetic_set
+    from crossmae_fast.data.synthetic import make_synthetic_set
 
     data = make_synthetic_set(tmp_path / "synth", clips=40, seed=2, seconds=2.7, image_size=64)
     cfg = TrainConfig(data=str(data["train"]), eval_data=str(data["eval"]), out=str(tmp_path / "run"), steps=12,

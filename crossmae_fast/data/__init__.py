@@ -8,16 +8,19 @@ shuffling, sharding and bad files).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from crossmae_fast.config import DataConfig
-from crossmae_fast.data.clips import ClipLoader, LoaderStats, log
-from crossmae_fast.data.torch_loader import TorchLoader
+if TYPE_CHECKING:
+    from crossmae_fast.config import DataConfig
+    from crossmae_fast.data.clips import ClipLoader
 
 BACKENDS = ("dali", "torch")
+log = logging.getLogger("crossmae_fast.data")
 _warned = False
 
-__all__ = ["BACKENDS", "ClipLoader", "LoaderStats", "make_loader"]
+__all__ = ["BACKENDS", "make_loader"]
 
 
 def make_loader(
@@ -34,6 +37,8 @@ def make_loader(
     the chosen frame from a row's `"video"` file (same frame rule as the JPEGs; rows without one use
     their JPEG frames).
     """
+    from crossmae_fast.data.torch_loader import TorchLoader
+
     global _warned
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")

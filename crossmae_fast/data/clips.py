@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from crossmae_fast.config import DataConfig
-from crossmae_fast.manifest import frame_path, read_manifest
-from crossmae_fast.media import VideoIndex, index_video
+from crossmae_fast.data.manifest import frame_path, read_manifest
+from crossmae_fast.data.media import VideoIndex, index_video
 
 log = logging.getLogger("crossmae_fast.data")
 

@@ -14,7 +14,7 @@ import torchaudio
 from PIL import Image
 
 from crossmae_fast.config import DataConfig
-from crossmae_fast.media import resize_center_crop
+from crossmae_fast.data.media import resize_center_crop
 
 
 def kaldi_fbank(wave: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tensor:

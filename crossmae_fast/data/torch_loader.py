@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from crossmae_fast.data.clips import ClipLoader, ClipSet
 from crossmae_fast.data.fbank import audio_features, image_features
-from crossmae_fast.media import read_audio, read_video_frame
+from crossmae_fast.data.media import read_audio, read_video_frame
 
 
 class ClipDataset(Dataset):

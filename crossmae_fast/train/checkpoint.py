@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from crossmae_fast.config import ModelConfig
-from crossmae_fast.model import CrossMAE
-from crossmae_fast.pretrained import encoder_state_dict
+from crossmae_fast.model.crossmae import CrossMAE
+from crossmae_fast.model.weights import encoder_state_dict
 
 log = logging.getLogger("crossmae_fast.checkpoint")
 

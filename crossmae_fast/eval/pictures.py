@@ -19,7 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from crossmae_fast.losses import patchify_audio, patchify_image
+from crossmae_fast.model.losses import patchify_audio, patchify_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

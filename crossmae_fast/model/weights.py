@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from crossmae_fast.model import CrossMAE, Encoder
+from crossmae_fast.model.crossmae import CrossMAE, Encoder
 
 log = logging.getLogger(__name__)
 

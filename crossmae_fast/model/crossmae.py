@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
 
 import kernels
-from crossmae_fast import losses
 from crossmae_fast.config import ModelConfig
-from crossmae_fast.pos_embed import sincos_2d
+from crossmae_fast.model import losses
+from crossmae_fast.model.pos_embed import sincos_2d
 from kernels import reference
 from kernels.utils import use_triton
 

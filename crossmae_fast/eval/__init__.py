@@ -1,0 +1,1 @@
+"""Evaluation: retrieval and localization metrics, the evaluation loop (`evaluator.py`) and pictures."""

@@ -1,0 +1,238 @@
+"""Evaluate a pre-trained CrossMAE: retrieval, sound-source localization and pictures (SPEC section 5).
+
+    python -m crossmae_fast.evaluate --checkpoint PATH --data MANIFEST [--out DIR] [--pictures K]
+
+Audio-to-visual and visual-to-audio retrieval over every clip of the manifest (cosine similarity of
+the L2-normalised CLS features of the unmasked encoders); localization over the rows with `bbox`
+(cosine map between the audio CLS feature and the unmasked visual patch features, upsampled to
+`--map-size`). Prints both tables and writes `metrics.json` and, for the first K clips (those with
+boxes first), PNG pictures under `pictures/`.
+
+Model API used: `model.cfg` (a `ModelConfig`), `model.eval_features(audio, image)` -> (audio [B, D],
+visual [B, D] L2-normalised global features, visual patch features [B, h*w, D]), and for pictures
+`model(audio, image, noise_audio, noise_image)`'s dict (`audio_mask`, `image_mask`, `audio_pred`,
+`image_pred`, `audio_attentive`, `image_attentive`: full-grid indices), plus optionally
+`model.query_attention(audio, image)` -> {"image": [B, Q, *image_grid], "audio": [B, Q, *audio_grid]},
+the Learnable Queries' attention (last Cross-Embedding block, mean over heads) over the unmasked
+patch tokens of the named modality. Parts the model lacks are skipped with a log line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from crossmae_fast.config import data_config
+from crossmae_fast.data import make_loader
+from crossmae_fast.data.box_annotations import center_crop_boxes
+from crossmae_fast.data.manifest import frame_path, read_manifest
+from crossmae_fast.eval import pictures
+from crossmae_fast.eval.metrics import (
+    RECALL_AT,
+    ciou,
+    gt_from_boxes,
+    localization_map,
+    normalize_maps,
+    retrieval_report,
+    summarize_ciou,
+)
+from crossmae_fast.train.checkpoint import latest_checkpoint, model_from_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def load_model(checkpoint: str | Path) -> torch.nn.Module:
+    """The `CrossMAE` of a pre-training checkpoint (a file, or a run folder: its latest), in eval mode."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {path}")
+        path = found
+    return model_from_checkpoint(path)
+
+
+def frame_size(row: dict, frame: int) -> tuple[int, int] | None:
+    """(width, height) of the evaluation frame's JPEG, read from its header; None if unreadable."""
+    try:
+        with Image.open(frame_path(row, frame)) as im:
+            return im.size
+    except OSError:
+        return None
+
+
+def ground_truth(row: dict, size: int, mode: str, frame: int) -> torch.Tensor:
+    """The row's ground-truth map on the centre-cropped frame the model sees."""
+    wh = frame_size(row, frame)
+    if wh is None:
+        log.warning("%s: frame %d unreadable, taking its boxes as given on a square frame",
+                    row["video_id"], frame)
+    boxes = center_crop_boxes(row["bbox"], *wh) if wh else row["bbox"]
+    if not boxes:
+        log.warning("%s: every box falls outside the centre crop; its cIoU is 0", row["video_id"])
+    return gt_from_boxes(boxes, size, mode).float()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path | None = None,
+             pictures_k: int = 0, batch_size: int = 32, device: str = "cpu", backend: str = "dali",
+             gt_mode: str = "vggss", map_size: int = 224, num_workers: int = 2, seed: int = 0) -> dict:
+    """Retrieval and (where the manifest has boxes) localization metrics; pictures of `pictures_k` clips."""
+    model.eval()
+    cfg = model.cfg
+    dcfg = data_config(cfg)
+    rows = read_manifest(manifest)
+    loader = make_loader(manifest, backend=backend, batch_size=batch_size, train=False, data_config=dcfg,
+                         device=device, num_workers=num_workers, seed=seed)
+    feats_a, feats_v, seen, scores, uniform, keep = {}, {}, set(), [], [], {}
+    want = _picture_rows(rows, pictures_k)
+    for batch in loader:
+        audio, image, index = batch["audio"], batch["image"], batch["index"].tolist()
+        # a bad clip is replaced by the next good one: count each row once so pairs stay unique
+        fresh = [i for i, r in enumerate(index) if r not in seen]
+        if not fresh:
+            continue
+        sel = torch.tensor(fresh, device=audio.device)
+        audio, image, index = audio[sel], image[sel], [index[i] for i in fresh]
+        seen.update(index)
+        a, v, patches = model.eval_features(audio, image)
+        for i, r in enumerate(index):
+            feats_a[r], feats_v[r] = a[i].float().cpu(), v[i].float().cpu()
+        boxed = [i for i, r in enumerate(index) if "bbox" in rows[r]]
+        maps = {}
+        if boxed:
+            b = torch.tensor(boxed, device=audio.device)
+            m = localization_map(a[b], patches[b], cfg.image_grid, map_size)
+            gt = torch.stack([ground_truth(rows[index[i]], map_size, gt_mode, dcfg.eval_frame)
+                              for i in boxed])
+            scores.append(ciou(m.cpu(), gt))
+            uniform.append(ciou(torch.zeros_like(gt), gt))
+            maps = {index[i]: m[k].cpu() for k, i in enumerate(boxed)}
+        for i, r in enumerate(index):
+            if r in want:
+                keep[r] = (audio[i].cpu(), image[i].cpu(), maps.get(r))
+    missing = len(rows) - len(seen)
+    if missing:
+        log.warning("%d of %d clips could not be read and are not evaluated", missing, len(rows))
+    order = sorted(feats_a)
+    n = len(order)
+    result = {
+        "manifest": str(manifest), "clips": n, "variant": cfg.variant,
+        "retrieval": retrieval_report(torch.stack([feats_a[r] for r in order]),
+                                      torch.stack([feats_v[r] for r in order])),
+        "retrieval_chance": {f"r{k}": min(k / n, 1.0) for k in RECALL_AT},
+        "localization": None,
+    }
+    if scores:
+        s, u = torch.cat(scores), torch.cat(uniform)
+        result["localization"] = {**summarize_ciou(s), "clips": s.numel(), "gt_mode": gt_mode,
+                                  "uniform_map_ciou": u.mean().item()}
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+        if keep:
+            result["pictures"] = [str(p) for p in _draw(model, rows, keep, out_dir / "pictures", gt_mode,
+                                                        dcfg.eval_frame, seed)]
+    return result
+
+
+def _picture_rows(rows: list[dict], k: int) -> set[int]:
+    """The first k rows, those with boxes first."""
+    ranked = sorted(range(len(rows)), key=lambda i: ("bbox" not in rows[i], i))
+    return set(ranked[:k])
+
+
+def _draw(model, rows: list[dict], keep: dict, out: Path, gt_mode: str, frame: int, seed: int) -> list[Path]:
+    cfg = model.cfg
+    order = sorted(keep)
+    dev = next(model.parameters()).device
+    audio = torch.stack([keep[r][0] for r in order]).to(dev)
+    image = torch.stack([keep[r][1] for r in order]).to(dev)
+    g = torch.Generator().manual_seed(seed)
+    noise_a = torch.rand(len(order), cfg.num_audio_patches, generator=g).to(dev)
+    noise_v = torch.rand(len(order), cfg.num_image_patches, generator=g).to(dev)
+    fwd = {k: v.cpu() if isinstance(v, torch.Tensor) else v
+           for k, v in model(audio, image, noise_audio=noise_a, noise_image=noise_v).items()}
+    queries = None
+    if hasattr(model, "query_attention"):
+        queries = {k: v.cpu() for k, v in model.query_attention(audio, image).items()}
+    else:
+        log.info("pictures: the model has no query_attention; Learnable Query maps skipped")
+    paths = []
+    for j, r in enumerate(order):
+        a, img, heat = keep[r]
+        vid = rows[r]["video_id"]
+        if heat is not None:
+            wh = frame_size(rows[r], frame)
+            boxes = center_crop_boxes(rows[r]["bbox"], *wh) if wh else rows[r]["bbox"]
+            paths.append(pictures.plot_localization(img, normalize_maps(heat[None])[0], boxes,
+                                                    out / f"{vid}_localization.png", title=vid))
+        if "audio_attentive" in fwd:
+            paths.append(pictures.plot_attentive_tokens(
+                img, fwd["image_attentive"][j], a, fwd["audio_attentive"][j],
+                out / f"{vid}_attentive_tokens.png", cfg.image_patch, cfg.audio_patch, fwd["image_mask"][j],
+                fwd["audio_mask"][j]))
+        if "image_pred" in fwd:
+            paths.append(pictures.plot_image_reconstruction(
+                img, fwd["image_pred"][j], fwd["image_mask"][j], out / f"{vid}_reconstruction_image.png",
+                cfg.image_patch, cfg.norm_pix_loss))
+            paths.append(pictures.plot_audio_reconstruction(
+                a, fwd["audio_pred"][j], fwd["audio_mask"][j], out / f"{vid}_reconstruction_audio.png",
+                cfg.audio_patch, cfg.norm_pix_loss))
+        for modality, bg in (("image", img), ("audio", a)) if queries else ():
+            attn = queries[modality][j]
+            shown = torch.linspace(0, attn.shape[0] - 1, min(6, attn.shape[0])).round().long().unique()
+            paths.append(pictures.plot_query_attention(
+                attn[shown], bg, out / f"{vid}_queries_{modality}.png", modality,
+                labels=[f"query {q}" for q in shown.tolist()]))
+    return paths
+
+
+def format_tables(result: dict) -> str:
+    """Plain-text tables of the retrieval and localization results."""
+    lines = [f"retrieval over {result['clips']} clips (chance R@1/5/10: "
+             + " / ".join(f"{v:.4f}" for v in result["retrieval_chance"].values()) + ")",
+             f"{'direction':<10}{'R@1':>8}{'R@5':>8}{'R@10':>8}{'MedR':>8}{'MeanR':>9}"]
+    for d, m in result["retrieval"].items():
+        lines.append(f"{d:<10}{m['r1']:>8.4f}{m['r5']:>8.4f}{m['r10']:>8.4f}{m['median_rank']:>8.1f}"
+                     f"{m['mean_rank']:>9.1f}")
+    loc = result["localization"]
+    if loc:
+        lines += ["", f"localization over {loc['clips']} clips ({loc['gt_mode']} ground truth)",
+                  f"{'AP50':>8}{'cIoU':>8}{'AUC':>8}{'uniform cIoU':>14}",
+                  f"{loc['ap50']:>8.4f}{loc['ciou']:>8.4f}{loc['auc']:>8.4f}{loc['uniform_map_ciou']:>14.4f}"]
+    else:
+        lines += ["", "localization: the manifest has no boxes"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Retrieval and sound-source localization of a checkpoint.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="CAV-MAE manifest; its rows with 'bbox' score localization")
+    p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
+    p.add_argument("--pictures", type=int, default=4, help="clips to draw pictures for")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backend", choices=("dali", "torch"), default="dali")
+    p.add_argument("--gt-mode", choices=("vggss", "flickr"), default="vggss",
+                   help="box consensus: union (VGG-SS, synthetic) or annotators' sum / 2 (Flickr-SoundNet)")
+    p.add_argument("--map-size", type=int, default=224)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="masking noise for the pictures")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
+    model = load_model(args.checkpoint).to(args.device)
+    result = evaluate(model, args.data, out, args.pictures, args.batch_size, args.device, args.backend,
+                      args.gt_mode, args.map_size, args.num_workers, args.seed)
+    result["checkpoint"] = str(args.checkpoint)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(format_tables(result))
+    print(f"\nwrote {out / 'metrics.json'} and {len(result.get('pictures', []))} pictures")

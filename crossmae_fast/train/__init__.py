@@ -1,0 +1,1 @@
+"""Pre-training: the optimisation step (`step.py`), checkpoints and multi-process helpers."""
