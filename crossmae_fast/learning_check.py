@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                      "--workers", str(a.workers), "--threads", str(a.threads), "--out", str(run_dir),
                      "--save-every", "0", "--keep", "1", "--log-every", "25", "--no-export-encoders"]
             evaluate = [py, "-m", "crossmae_fast.evaluate", "--checkpoint", str(run_dir), "--data",
-                        str(paths["eval"]), "--out", str(run_dir / "eval"), "--backend", a.loader,
-                        "--pictures", "0", "--num-workers", str(a.workers)]
+                        str(paths["eval"]), "--out", str(run_dir / "eval"), "--loader", a.loader,
+                        "--pictures", "0", "--workers", str(a.workers)]
             print(f"[{v}] {shlex.join(train)}", flush=True)
             train_s = run_logged(train, run_dir.with_name(f"{v}.pretrain.log"))
             print(f"[{v}] trained in {train_s:.0f} s; {shlex.join(evaluate)}", flush=True)

@@ -1,10 +1,47 @@
 """`python -m crossmae_fast.prepare`: real videos to audio files, JPEG frames and a manifest.
 
-The work is done in `crossmae_fast.data.extract`."""
+    python -m crossmae_fast.prepare SRC --out DIR [--frames 10] [--workers N] [--format wav|flac]
+        [--image-size 224] [--sample-rate 16000]
 
+What it writes, and how failures are recorded, is described in `crossmae_fast.data.extract`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
 import sys
 
-from crossmae_fast.data.extract import main
+from crossmae_fast.data.extract import prepare
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m crossmae_fast.prepare",
+                                 description="Turn a folder (or CSV) of videos into audio files, JPEG frames "
+                                             "and a CAV-MAE manifest.")
+    ap.add_argument("src", help="folder of videos (searched recursively) or CSV of paths [, labels]")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--frames", type=int, default=10, help="frames per clip (default 10)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="worker processes; 0 or 1 runs in this process (default: CPU count)")
+    ap.add_argument("--format", choices=("wav", "flac"), default="wav", help="audio file format")
+    ap.add_argument("--image-size", type=int, default=224, help="frame size after resize and crop")
+    ap.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate (default 16000)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        summary = prepare(a.src, a.out, frames=a.frames, workers=a.workers, audio_format=a.format,
+                          image_size=a.image_size, sample_rate=a.sample_rate, progress=not a.quiet)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    print(summary)
+    return 0 if summary.done + summary.already else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+from crossmae_fast import annotations as cli
 from crossmae_fast.data import box_annotations as ann
 from crossmae_fast.eval.metrics import gt_from_boxes
 
@@ -108,9 +109,9 @@ def test_cli_writes_manifest_and_checks_files(tmp_path):
     out = tmp_path / "m.json"
     common = ["flickr", str(tmp_path / "ann"), "--audio-dir", str(tmp_path / "audio"),
               "--frame-dir", str(tmp_path / "frames"), "--ids", str(tmp_path / "ids.csv"), "--out", str(out)]
-    ann.main(common)
+    assert cli.main(common) == 0
     assert [r["video_id"] for r in json.loads(out.read_text())["data"]] == ["11", "22"]
-    ann.main(common + ["--check-files"])
+    assert cli.main(common + ["--check-files"]) == 0
     data = json.loads(out.read_text())["data"]
     assert [r["video_id"] for r in data] == ["11"] and len(data[0]["bbox"]) == 2
 

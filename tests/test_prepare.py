@@ -9,9 +9,10 @@ import soundfile
 from media_fixtures import frame_level, make_mixed_folder, make_video
 from PIL import Image
 
-from crossmae_fast.data.extract import main, prepare
+from crossmae_fast.data.extract import prepare
 from crossmae_fast.data.manifest import frame_path, read_manifest
 from crossmae_fast.data.media import MediaError, read_audio, resize_center_crop
+from crossmae_fast.prepare import main
 
 SIZE = 32
 # video id -> (reason it fails) for the bad files of make_mixed_folder

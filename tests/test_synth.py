@@ -11,7 +11,8 @@ import soundfile
 from PIL import Image
 
 from crossmae_fast.data.manifest import frame_path, read_manifest
-from crossmae_fast.data.synthetic import main, make_synthetic_set
+from crossmae_fast.data.synthetic import make_synthetic_set
+from crossmae_fast.synth import main
 
 # The documented rule, restated here rather than imported.
 F0 = {"circle": 200.0, "square": 300.0, "triangle": 450.0, "cross": 675.0}

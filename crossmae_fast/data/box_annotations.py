@@ -1,6 +1,6 @@
 """Readers for the public sound-source localization test sets, written out as manifest rows.
 
-Rows follow the CAV-MAE datafile schema plus boxes (SPEC section 1): `{"video_id", "wav",
+Rows follow the CAV-MAE datafile schema plus boxes: `{"video_id", "wav",
 "video_path", "labels", "bbox": [[x0, y0, x1, y1], ...]}` with box corners normalised to [0, 1].
 
 - Flickr-SoundNet (Senocak et al.): one XML file per clip, named `<video_id>.xml`, each `<bbox>`
@@ -12,20 +12,19 @@ Rows follow the CAV-MAE datafile schema plus boxes (SPEC section 1): `{"video_id
 Frames are expected where the rest of the toolkit looks for them, `video_path/frame_{i}/{video_id}.jpg`
 (evaluation uses frame 5); the test sets ship one frame per clip, which goes there. Boxes are
 normalised to the full frame; the loaders centre-crop non-square frames, which `center_crop_boxes`
-accounts for. Write the rows with `crossmae_fast.manifest.write_manifest`, or run
+accounts for. Write the rows with `crossmae_fast.data.manifest.write_manifest`, or run
 `python -m crossmae_fast.annotations {flickr,vggss} ANNOTATIONS --audio-dir A --frame-dir F --out M`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from crossmae_fast.data.manifest import frame_path, write_manifest
+from crossmae_fast.data.manifest import frame_path
 
 log = logging.getLogger(__name__)
 
@@ -161,35 +160,12 @@ def center_crop_boxes(boxes: Sequence[Sequence[float]], width: int, height: int)
     return out
 
 
-def _strip_ext(name: str) -> str:
-    for ext in (".xml", ".jpg", ".wav", ".flac", ".mp4"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Convert Flickr-SoundNet / VGG-SS boxes into a manifest.")
-    p.add_argument("format", choices=("flickr", "vggss"))
-    p.add_argument("annotations", help="Flickr: directory of XML files; VGG-SS: vggss.json")
-    p.add_argument("--audio-dir", required=True)
-    p.add_argument("--frame-dir", required=True, help="video_path: frames at frame_{i}/<id>.jpg below it")
-    p.add_argument("--ids", help="Flickr: file whose lines start with the clip ids to keep (csv ok)")
-    p.add_argument("--audio-ext", default=".wav")
-    p.add_argument("--check-files", action="store_true",
-                   help="leave out clips whose audio or frame is missing")
-    p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if args.format == "flickr":
-        ids = None
-        if args.ids:
-            ids = [_strip_ext(ln.split(",")[0].strip()) for ln in Path(args.ids).read_text().splitlines()
-                   if ln.strip()]
-        rows = flickr_soundnet_rows(args.annotations, args.audio_dir, args.frame_dir, ids,
-                                    audio_ext=args.audio_ext)
-    else:
-        rows = vggss_rows(args.annotations, args.audio_dir, args.frame_dir, args.audio_ext)
-    if args.check_files:
-        rows = keep_available(rows)
-    log.info("wrote %d clips to %s", len(rows), write_manifest(args.out, rows))
+def read_ids(path: str | Path) -> list[str]:
+    """Clip ids from the first column of each line of `path` (a list or a CSV), file extensions dropped."""
+    ids = []
+    for line in Path(path).read_text().splitlines():
+        name = line.split(",")[0].strip()
+        ext = next((e for e in (".xml", ".jpg", ".wav", ".flac", ".mp4") if name.endswith(e)), "")
+        if name:
+            ids.append(name.removesuffix(ext))
+    return ids

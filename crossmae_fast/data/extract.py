@@ -1,7 +1,4 @@
-"""Turn a folder (or CSV) of videos into a CAV-MAE style prepared set.
-
-    python -m crossmae_fast.prepare SRC --out DIR [--frames 10] [--workers N] [--format wav|flac]
-        [--image-size 224]
+"""Turn a folder (or CSV) of videos into a CAV-MAE style prepared set (`python -m crossmae_fast.prepare`).
 
 SRC is a folder searched recursively for video files, or a CSV with a `path` column (and optional
 `labels`, `video_id` columns; without a header: path, labels). Relative CSV paths are relative to the
@@ -11,7 +8,7 @@ CSV. Per clip this writes, under DIR:
   resample, channel mean);
 - `frames/frame_{i}/{video_id}.jpg`: frames `int(i * total / frames)` of the first video stream
   (`total` = the container's frame count, else the number of video packets), short side resized to
-  `image_size` (bicubic) and centre-cropped (SPEC section 1);
+  `image_size` (bicubic) and centre-cropped, as the loaders do;
 - `done/{video_id}.json`: the clip's manifest row and settings, written last: a re-run skips clips
   whose marker matches the settings and whose outputs exist, and redoes the rest.
 
@@ -25,7 +22,6 @@ clip never stops the run. Folder input carries no labels (`"labels": ""`); use a
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import multiprocessing as mp
@@ -333,30 +329,3 @@ def prepare(
     os.replace(tmp, out / "failures.jsonl")
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m crossmae_fast.prepare", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("src", help="folder of videos (searched recursively) or CSV of paths [, labels]")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--frames", type=int, default=10, help="frames per clip (default 10)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="worker processes; 0 or 1 runs in this process (default: CPU count)")
-    ap.add_argument("--format", choices=("wav", "flac"), default="wav", help="audio file format")
-    ap.add_argument("--image-size", type=int, default=224, help="frame size after resize and crop")
-    ap.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate (default 16000)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    try:
-        summary = prepare(
-            a.src, a.out, frames=a.frames, workers=a.workers, audio_format=a.format,
-            image_size=a.image_size, sample_rate=a.sample_rate, progress=not a.quiet,
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
-    print(summary)
-    return 0 if summary.done + summary.already else 1

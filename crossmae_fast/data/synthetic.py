@@ -38,11 +38,8 @@ at its median scores an expected cIoU of about A / (1 + A) for box area fraction
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -238,12 +235,14 @@ def make_synthetic_set(
     seconds: float = 4.0,
     image_size: int = 224,
     eval_fraction: float = 0.25,
+    workers: int = 0,
 ) -> dict[str, Path]:
-    """Write the synthetic set into `out`; returns {"train": path, "eval": path} of the manifests."""
-    if clips < 1 or seed < 0 or seconds <= 0 or not 0 <= eval_fraction <= 1:
+    """Write the synthetic set into `out`; returns {"train": path, "eval": path} of the manifests.
+    `workers` writer threads (0: up to twice the CPU count, at most 8) do not change the bytes."""
+    if clips < 1 or seed < 0 or seconds <= 0 or not 0 <= eval_fraction <= 1 or workers < 0:
         raise ValueError(
-            f"need clips >= 1, seed >= 0, seconds > 0, 0 <= eval_fraction <= 1; got clips={clips}, "
-            f"seed={seed}, seconds={seconds}, eval_fraction={eval_fraction}"
+            f"need clips >= 1, seed >= 0, seconds > 0, 0 <= eval_fraction <= 1, workers >= 0; got clips={clips}, "
+            f"seed={seed}, seconds={seconds}, eval_fraction={eval_fraction}, workers={workers}"
         )
     if image_size < 8 or (video and image_size % 2):
         raise ValueError(f"image_size={image_size} must be at least 8 (and even with video)")
@@ -252,7 +251,7 @@ def make_synthetic_set(
         (out / d).mkdir(parents=True, exist_ok=True)
     # Threads overlap file-system waits with numpy and JPEG work (both release the GIL); every clip
     # has its own random stream, so the result does not depend on the scheduling.
-    with ThreadPoolExecutor(max(1, min(8, 2 * (os.cpu_count() or 1)))) as pool:
+    with ThreadPoolExecutor(workers or max(1, min(8, 2 * (os.cpu_count() or 1)))) as pool:
         rows = list(pool.map(lambda j: make_clip(out, seed, j, video=video, seconds=seconds,
                                                  image_size=image_size), range(clips)))
     n_eval = round(clips * eval_fraction)
@@ -280,26 +279,3 @@ def make_synthetic_set(
         f"Chance levels:\n{json.dumps(info['chance'], indent=1)}\n"
     )
     return paths
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m crossmae_fast.synth",
-                                 description="Write the synthetic audio-visual set (SPEC section 6).")
-    ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--clips", type=int, required=True, help="number of clips")
-    ap.add_argument("--seed", type=int, required=True, help="random seed (same seed, same bytes)")
-    ap.add_argument("--video", action="store_true", help="also write a VP9 webm per clip")
-    ap.add_argument("--seconds", type=float, default=4.0, help="audio (and video) length (default 4)")
-    ap.add_argument("--image-size", type=int, default=224, help="frame side in pixels (default 224)")
-    ap.add_argument("--eval-fraction", type=float, default=0.25, help="share of clips in eval.json")
-    a = ap.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        paths = make_synthetic_set(a.out, a.clips, a.seed, a.video, a.seconds, a.image_size, a.eval_fraction)
-    except ValueError as e:
-        print(f"synth: error: {e}", file=sys.stderr)
-        return 2
-    counts = {k: len(json.loads(p.read_text())["data"]) for k, p in paths.items()}
-    print(f"synth: {a.clips} clips ({counts['train']} train, {counts['eval']} eval) in "
-          f"{time.perf_counter() - t0:.1f} s\nmanifests: {paths['train']}, {paths['eval']}")
-    return 0

@@ -1,12 +1,11 @@
-"""Evaluate a pre-trained CrossMAE: retrieval, sound-source localization and pictures (SPEC section 5).
-
-    python -m crossmae_fast.evaluate --checkpoint PATH --data MANIFEST [--out DIR] [--pictures K]
+"""Evaluate a pre-trained CrossMAE: retrieval, sound-source localization and pictures (the protocols
+of docs/design.md; the command line is `crossmae_fast.evaluate`).
 
 Audio-to-visual and visual-to-audio retrieval over every clip of the manifest (cosine similarity of
 the L2-normalised CLS features of the unmasked encoders); localization over the rows with `bbox`
 (cosine map between the audio CLS feature and the unmasked visual patch features, upsampled to
-`--map-size`). Prints both tables and writes `metrics.json` and, for the first K clips (those with
-boxes first), PNG pictures under `pictures/`.
+`map_size`). `evaluate` writes `metrics.json` and, for the first K clips (those with boxes
+first), PNG pictures under `pictures/`; `format_tables` prints both tables.
 
 Model API used: `model.cfg` (a `ModelConfig`), `model.eval_features(audio, image)` -> (audio [B, D],
 visual [B, D] L2-normalised global features, visual patch features [B, h*w, D]), and for pictures
@@ -19,7 +18,6 @@ patch tokens of the named modality. Parts the model lacks are skipped with a log
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -47,14 +45,21 @@ log = logging.getLogger(__name__)
 
 
 def load_model(checkpoint: str | Path) -> torch.nn.Module:
-    """The `CrossMAE` of a pre-training checkpoint (a file, or a run folder: its latest), in eval mode."""
+    """The `CrossMAE` of a pre-training checkpoint (a file, or a run folder: its latest), in eval mode.
+    A path that holds no such checkpoint raises FileNotFoundError or a one-line ValueError naming it."""
     path = Path(checkpoint)
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in {path}")
+            raise FileNotFoundError(f"{path}: no checkpoint-*.pt in this folder")
         path = found
-    return model_from_checkpoint(path)
+    try:
+        return model_from_checkpoint(path)
+    except ValueError as e:
+        if e.__cause__ is None:  # a checkpoint-shaped file that lacks fields: the message names them
+            raise
+        raise ValueError(f"{path}: not a checkpoint written by crossmae_fast.pretrain "
+                         f"(torch.load: {type(e.__cause__).__name__})") from e
 
 
 def frame_size(row: dict, frame: int) -> tuple[int, int] | None:
@@ -81,8 +86,10 @@ def ground_truth(row: dict, size: int, mode: str, frame: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path | None = None,
              pictures_k: int = 0, batch_size: int = 32, device: str = "cpu", backend: str = "dali",
-             gt_mode: str = "vggss", map_size: int = 224, num_workers: int = 2, seed: int = 0) -> dict:
-    """Retrieval and (where the manifest has boxes) localization metrics; pictures of `pictures_k` clips."""
+             gt_mode: str = "vggss", map_size: int = 224, num_workers: int = 2, seed: int = 0,
+             checkpoint: str | Path | None = None) -> dict:
+    """Retrieval and (where the manifest has boxes) localization metrics; pictures of `pictures_k` clips.
+    With `out_dir`, the pictures and then `metrics.json` (the returned dict) are written there."""
     model.eval()
     cfg = model.cfg
     dcfg = data_config(cfg)
@@ -128,6 +135,8 @@ def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path |
         "retrieval_chance": {f"r{k}": min(k / n, 1.0) for k in RECALL_AT},
         "localization": None,
     }
+    if checkpoint is not None:
+        result["checkpoint"] = str(checkpoint)
     if scores:
         s, u = torch.cat(scores), torch.cat(uniform)
         result["localization"] = {**summarize_ciou(s), "clips": s.numel(), "gt_mode": gt_mode,
@@ -135,10 +144,10 @@ def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path |
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
         if keep:
             result["pictures"] = [str(p) for p in _draw(model, rows, keep, out_dir / "pictures", gt_mode,
                                                         dcfg.eval_frame, seed)]
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
 
@@ -210,29 +219,3 @@ def format_tables(result: dict) -> str:
     else:
         lines += ["", "localization: the manifest has no boxes"]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Retrieval and sound-source localization of a checkpoint.")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="CAV-MAE manifest; its rows with 'bbox' score localization")
-    p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval)")
-    p.add_argument("--pictures", type=int, default=4, help="clips to draw pictures for")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", choices=("dali", "torch"), default="dali")
-    p.add_argument("--gt-mode", choices=("vggss", "flickr"), default="vggss",
-                   help="box consensus: union (VGG-SS, synthetic) or annotators' sum / 2 (Flickr-SoundNet)")
-    p.add_argument("--map-size", type=int, default=224)
-    p.add_argument("--num-workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0, help="masking noise for the pictures")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "eval"
-    model = load_model(args.checkpoint).to(args.device)
-    result = evaluate(model, args.data, out, args.pictures, args.batch_size, args.device, args.backend,
-                      args.gt_mode, args.map_size, args.num_workers, args.seed)
-    result["checkpoint"] = str(args.checkpoint)
-    (out / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(format_tables(result))
-    print(f"\nwrote {out / 'metrics.json'} and {len(result.get('pictures', []))} pictures")
