@@ -23,19 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-from crossmae_fast.data.synthetic import make_synthetic_set
+from crossmae_fast.data.synthetic import cached_synthetic_set
 
 RETRIEVAL_FACTOR = 3.0
 LOCALIZATION_FACTOR = 1.5
-
-
-def synthetic_set(folder: Path, clips: int, seed: int, seconds: float, image_size: int) -> dict[str, Path]:
-    """The set's manifests, written unless `folder` already holds a set with these parameters."""
-    info = folder / "synth.json"
-    want = {"clips": clips, "seed": seed, "seconds": seconds, "image_size": image_size}
-    if info.is_file() and all(json.loads(info.read_text()).get(k) == v for k, v in want.items()):
-        return {"train": folder / "train.json", "eval": folder / "eval.json"}
-    return make_synthetic_set(folder, clips, seed, seconds=seconds, image_size=image_size)
 
 
 def run_logged(cmd: list[str], log: Path) -> float:
@@ -121,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     py = sys.executable
     try:
-        paths = synthetic_set(out / "synth", a.clips, a.seed, a.seconds, 64)
+        paths = cached_synthetic_set(a.clips, a.seed, seconds=a.seconds, image_size=64, root=out)
         runs = {}
         for v in a.variants:
             run_dir = out / v
@@ -146,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = {"command": shlex.join(["python", "-m", "crossmae_fast.learning_check", *sys.argv[1:]])
                if argv is None else shlex.join(["python", "-m", "crossmae_fast.learning_check", *argv]),
-               "args": vars(a), "synth": json.loads((out / "synth" / "synth.json").read_text())["chance"],
+               "args": vars(a), "synth": json.loads((paths["train"].parent / "synth.json").read_text())["chance"],
                "thresholds": {"retrieval_r10_x_chance": RETRIEVAL_FACTOR, "ciou_x_uniform": LOCALIZATION_FACTOR},
                "wall_seconds": time.perf_counter() - t0, "host": _host(), "variants": runs}
     table = markdown(results)

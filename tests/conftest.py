@@ -13,6 +13,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="session")
+def synthetic_set(tmp_path_factory):
+    """`synthetic_set(clips, seed, **kw)`: manifests of a synthetic set generated once per test session
+    (`cached_synthetic_set` in a session folder), shared by every test that asks for the same one."""
+    from crossmae_fast.data.synthetic import cached_synthetic_set
+
+    root = tmp_path_factory.mktemp("synthetic")
+    return lambda clips, seed, **kw: cached_synthetic_set(clips, seed, root=root, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_set(synthetic_set):
+    """The synthetic set the CPU training and evaluation tests share: 18 train / 6 eval clips at the
+    tiny preset's sizes."""
+    return synthetic_set(24, seed=3, seconds=2.7, image_size=64)
+
+
 @pytest.fixture
 def graph_capture():
     """`capture(step)`: warm `step` up on a side stream (autotuning happens there), then capture it in a

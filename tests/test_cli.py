@@ -12,7 +12,6 @@ import torch
 
 from crossmae_fast import evaluate
 from crossmae_fast.config import model_config
-from crossmae_fast.data.synthetic import make_synthetic_set
 from crossmae_fast.model.crossmae import CrossMAE
 
 CLIS = ("pretrain", "evaluate", "learning_check", "prepare", "synth", "annotations")
@@ -69,8 +68,8 @@ def test_shared_options_agree_with_pretrain(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def run_and_data(tmp_path_factory):
-    """A run folder with one checkpoint of an untrained tiny model, and a 4-clip synthetic eval manifest."""
+def run_and_data(tmp_path_factory, tiny_set):
+    """A run folder with one checkpoint of an untrained tiny model, and the shared set's eval manifest."""
     root = tmp_path_factory.mktemp("evaluate")
     torch.manual_seed(0)
     cfg = model_config("tiny", ops="reference")
@@ -79,8 +78,7 @@ def run_and_data(tmp_path_factory):
     state = {"model": CrossMAE(cfg).state_dict(), "optimizer": {}, "step": 1, "epoch": 0, "batch": 1, "rng": [],
              "model_config": cfg.to_dict(), "train_config": {}}
     torch.save(state, run / "checkpoint-00000001.pt")
-    data = make_synthetic_set(root / "synth", 4, seed=1, seconds=2.6, image_size=64, eval_fraction=1.0)
-    return run, data["eval"]
+    return run, tiny_set["eval"]
 
 
 def cli(*args: str) -> list[str]:
@@ -97,7 +95,7 @@ def test_out_defaults_to_the_run_and_metrics_written_once(run_and_data, monkeypa
     assert evaluate.main(cli("--checkpoint", str(run), "--data", str(data), "--pictures", "1")) == 0
     assert writes.count("metrics.json") == 1
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert metrics["checkpoint"] == str(run) and metrics["clips"] == 4 and metrics["pictures"]
+    assert metrics["checkpoint"] == str(run) and metrics["clips"] == 6 and metrics["pictures"]
     assert all(Path(p).parent == run / "eval" / "pictures" for p in metrics["pictures"])
     assert not (run.parent / "eval").exists()
     assert "R@1" in capsys.readouterr().out

@@ -85,10 +85,8 @@ def test_ddp_step_equals_combined_batch(tmp_path, variant):
     assert moved > 0.9 * len(before)
 
 
-def test_torchrun_cli(tmp_path):
-    from crossmae_fast.data.synthetic import make_synthetic_set
-
-    data = make_synthetic_set(tmp_path / "synth", clips=16, seed=5, seconds=2.7, image_size=64)
+def test_torchrun_cli(tmp_path, tiny_set):
+    data = tiny_set
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(free_port()), "-m", "crossmae_fast.pretrain", "--data", str(data["train"]), "--eval-data",

@@ -12,7 +12,6 @@ import torch
 
 from crossmae_fast import pretrain
 from crossmae_fast.config import model_config
-from crossmae_fast.data.synthetic import make_synthetic_set
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.train import checkpoint as ckpt
 from crossmae_fast.train.step import TrainConfig, TrainStep, lr_at, param_groups
@@ -27,9 +26,8 @@ def keep_threads():
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    """18 train / 6 eval clips at the tiny preset's sizes."""
-    return make_synthetic_set(tmp_path_factory.mktemp("synth"), clips=24, seed=3, seconds=2.7, image_size=64)
+def synth(tiny_set):
+    return tiny_set
 
 
 def tiny_cfg(synth, out, **kw) -> TrainConfig:

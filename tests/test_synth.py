@@ -153,3 +153,19 @@ def test_cli_and_bad_arguments(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--clips", "0", "--seed", "0"]) == 2
     with pytest.raises(ValueError, match="even"):
         make_synthetic_set(tmp_path, 1, 0, video=True, image_size=33)
+
+
+def test_cached_set_is_made_once_per_parameters(tmp_path, monkeypatch):
+    from crossmae_fast.data import synthetic
+
+    made = []
+    real = synthetic.make_synthetic_set
+    monkeypatch.setattr(synthetic, "make_synthetic_set", lambda out, **kw: made.append(kw) or real(out, **kw))
+    kw = dict(seconds=0.5, image_size=16, root=tmp_path)
+    first = synthetic.cached_synthetic_set(2, 4, **kw)
+    assert synthetic.cached_synthetic_set(2, 4, **kw) == first and len(made) == 1
+    other = synthetic.cached_synthetic_set(2, 5, **kw)
+    assert len(made) == 2 and other["train"].parent != first["train"].parent
+    assert read_manifest(first["train"]) and sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name) == []
+    monkeypatch.setenv("CROSSMAE_CACHE", str(tmp_path / "env"))
+    assert synthetic.cached_synthetic_set(2, 4, seconds=0.5, image_size=16)["train"].is_relative_to(tmp_path / "env")

@@ -38,8 +38,10 @@ at its median scores an expected cIoU of about A / (1 + A) for box area fraction
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
@@ -278,4 +280,45 @@ def make_synthetic_set(
         f"{seconds} s audio, {image_size} px frames{', VP9 video' if video else ''}.\n"
         f"Chance levels:\n{json.dumps(info['chance'], indent=1)}\n"
     )
+    return paths
+
+
+def cache_root() -> Path:
+    """Where generated sets are kept: `$CROSSMAE_CACHE`, else `~/.cache/crossmae_fast`."""
+    return Path(os.environ.get("CROSSMAE_CACHE", Path.home() / ".cache" / "crossmae_fast")).expanduser()
+
+
+def cached_synthetic_set(
+    clips: int,
+    seed: int = 0,
+    *,
+    seconds: float = 4.0,
+    image_size: int = 224,
+    video: bool = False,
+    eval_fraction: float = 0.25,
+    root: str | Path | None = None,
+) -> dict[str, Path]:
+    """Manifests of a synthetic set, generated once and reused: the one way the package, its tools and
+    its tests get a synthetic set (`pretrain`'s default data should call this too).
+
+    The set lives in `root` (default `cache_root()`) in a folder named for its parameters and this
+    generator's source, so a changed generator never serves a stale set. It is written into a temporary
+    sibling and renamed into place: concurrent callers (DDP ranks, parallel tests) and killed runs never
+    see a half-written set; a caller that loses the race uses the winner's."""
+    params = dict(clips=clips, seed=seed, seconds=seconds, image_size=image_size, video=video,
+                  eval_fraction=eval_fraction)
+    key = hashlib.sha1(json.dumps(params, sort_keys=True).encode() + Path(__file__).read_bytes()).hexdigest()
+    folder = Path(root if root is not None else cache_root()) / f"synth-{key[:12]}"
+    paths = {"train": folder / "train.json", "eval": folder / "eval.json"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    make_synthetic_set(tmp, **params)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not all(p.is_file() for p in paths.values()):
+            raise
     return paths
