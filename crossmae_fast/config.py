@@ -7,7 +7,7 @@ and invalid combinations raise `ValueError` naming the field.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 VARIANTS: dict[str, frozenset[str]] = {
     "cl-av": frozenset({"contrastive"}),
@@ -169,7 +169,6 @@ class DataConfig:
     image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_frames: int = 10  # frames extracted per clip
     eval_frame: int = 5  # frame used in evaluation; training draws one at random
-    extra: dict = field(default_factory=dict)
 
 
 def data_config(model: ModelConfig | None = None, **overrides) -> DataConfig:

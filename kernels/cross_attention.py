@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.reference import cross_attention_reference
 from kernels.utils import interpret_mode, next_pow2, use_triton
 
 MAX_HEAD_DIM = 128
@@ -314,7 +315,7 @@ def _backward_triton(do, q, k, v, kv_index, out, lse, dlse, scale):
     return dq, dk, dv
 
 
-# --- math fallback (CPU without the interpreter): the reference's semantics, with the LSE exposed --------
+# --- the op's CPU implementation (without the interpreter): the reference's semantics plus the LSE -------
 
 
 def _gathered(k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor | None):
@@ -426,4 +427,6 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index:
     """
     _check(q, k, v, kv_index)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not use_triton(q, k, v):  # the CPU path of every op: its reference
+        return cross_attention_reference(q, k, v, kv_index, scale)
     return torch.ops.crossmae.cross_attention(q, k, v, kv_index, scale)[0]

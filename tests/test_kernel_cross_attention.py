@@ -123,12 +123,16 @@ def test_lse_and_its_gradient(S):
 
 @pytest.mark.parametrize("S", [None, 7])
 def test_math_fallback_matches_reference(monkeypatch, S):
-    """CPU without the interpreter takes the math path: same semantics, lse gradient included."""
+    """CPU without the interpreter: `cross_attention` is the reference itself; the registered op (which
+    also returns the lse) takes its math path, with the reference's semantics."""
     monkeypatch.setattr(ca, "use_triton", lambda *t: False)
     _, q, k, v, idx = _inputs(2, 2, 11, 17, 16, S, torch.float32)
     do = torch.randn(2, 2, 11, 16)
     want = _run(cross_attention_reference, q, k, v, idx, do)
     for a, b in zip(_run(cross_attention, q, k, v, idx, do), want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    op = lambda q, k, v, idx: torch.ops.crossmae.cross_attention(q, k, v, idx, 16**-0.5)[0]  # noqa: E731
+    for a, b in zip(_run(op, q, k, v, idx, do), want):
         assert _rel(a, b) <= TOL[torch.float32]
 
 

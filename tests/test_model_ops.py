@@ -36,3 +36,26 @@ def test_kernel_model_triton_equals_reference(variant):
     fused_params = dict(fused.named_parameters())
     for name, p in ref.named_parameters():
         torch.testing.assert_close(fused_params[name].grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_auto_on_cpu_is_the_reference(monkeypatch):
+    """Without CUDA or the interpreter, ops='auto' runs exactly the reference ops (one CPU path per op)."""
+    import importlib
+
+    for name in ("masking", "restore", "cls_topk", "cross_attention"):
+        monkeypatch.setattr(importlib.import_module(f"kernels.{name}"), "use_triton", lambda *t: False)
+    g = torch.Generator().manual_seed(2)
+    models, outs = [], []
+    for ops in ("reference", "auto"):
+        torch.manual_seed(0)
+        models.append(CrossMAE(model_config("tiny", "crossmae", ops=ops)))
+        cfg = models[-1].cfg
+        g.manual_seed(2)
+        audio = torch.randn(2, cfg.audio_frames, cfg.audio_bins, generator=g)
+        image = torch.randn(2, 3, cfg.image_size, cfg.image_size, generator=g)
+        noise = (torch.rand(2, cfg.num_audio_patches, generator=g), torch.rand(2, cfg.num_image_patches, generator=g))
+        outs.append(models[-1](audio, image, *noise))
+        outs[-1]["loss"].backward()
+    assert torch.equal(outs[0]["loss"], outs[1]["loss"])
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert torch.equal(p.grad, q.grad), name

@@ -10,10 +10,11 @@ first), PNG pictures under `pictures/`; `format_tables` prints both tables.
 Model API used: `model.cfg` (a `ModelConfig`), `model.eval_features(audio, image)` -> (audio [B, D],
 visual [B, D] L2-normalised global features, visual patch features [B, h*w, D]), and for pictures
 `model(audio, image, noise_audio, noise_image)`'s dict (`audio_mask`, `image_mask`, `audio_pred`,
-`image_pred`, `audio_attentive`, `image_attentive`: full-grid indices), plus optionally
+`image_pred`, `audio_attentive`, `image_attentive`: full-grid indices), and
 `model.query_attention(audio, image)` -> {"image": [B, Q, *image_grid], "audio": [B, Q, *audio_grid]},
 the Learnable Queries' attention (last Cross-Embedding block, mean over heads) over the unmasked
-patch tokens of the named modality. Parts the model lacks are skipped with a log line.
+patch tokens of the named modality. Pictures a variant has no parts for (no decoder, no queries) are
+left out.
 """
 
 from __future__ import annotations
@@ -168,11 +169,7 @@ def _draw(model, rows: list[dict], keep: dict, out: Path, gt_mode: str, frame: i
     noise_v = torch.rand(len(order), cfg.num_image_patches, generator=g).to(dev)
     fwd = {k: v.cpu() if isinstance(v, torch.Tensor) else v
            for k, v in model(audio, image, noise_audio=noise_a, noise_image=noise_v).items()}
-    queries = None
-    if hasattr(model, "query_attention"):
-        queries = {k: v.cpu() for k, v in model.query_attention(audio, image).items()}
-    else:
-        log.info("pictures: the model has no query_attention; Learnable Query maps skipped")
+    queries = {k: v.cpu() for k, v in model.query_attention(audio, image).items()}
     paths = []
     for j, r in enumerate(order):
         a, img, heat = keep[r]

@@ -355,10 +355,6 @@ class CrossMAE(nn.Module):
         a, v = self.encode(audio, image)
         return F.normalize(a[:, 0].float(), dim=-1), F.normalize(v[:, 0].float(), dim=-1), v[:, 1:]
 
-    def global_features(self, audio: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L2-normalised CLS features of the unmasked encoders (retrieval)."""
-        return self.eval_features(audio, image)[:2]
-
     @torch.no_grad()
     def query_attention(self, audio: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Learnable Queries' attention over the other modality's unmasked patch tokens:
@@ -374,9 +370,3 @@ class CrossMAE(nn.Module):
         on_audio = self.audio_to_image(a, v_tokens, return_attention=True)
         return {"image": on_image.unflatten(-1, self.image_encoder.grid),
                 "audio": on_audio.unflatten(-1, self.audio_encoder.grid)}
-
-    @torch.no_grad()
-    def visual_patch_features(self, image: torch.Tensor) -> torch.Tensor:
-        """[B, L, D] patch features of the unmasked visual encoder (localization maps)."""
-        return self.encode(image=image)[1][:, 1:]
-
