@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import common, flops
 from crossmae_fast import CrossMAE, model_config
-from crossmae_fast.train.step import TrainConfig, TrainStep, make_optimizer
+from crossmae_fast.train.step import PAPER_BLR, TrainConfig, TrainStep, make_optimizer
 
 IMPLS = {  # impl -> (ops, torch.compile, CUDA graph)
     "reference": ("reference", False, False),
@@ -47,7 +47,7 @@ def _step(cfg, batch: int, device: torch.device, compiled: bool, graph: bool):
     """A TrainStep and its call on one fixed random batch."""
     torch.manual_seed(0)
     model = CrossMAE(cfg).to(device)
-    opt = make_optimizer(model, TrainConfig(), 1.5e-4 * batch / 256, device)
+    opt = make_optimizer(model, TrainConfig(), PAPER_BLR * batch / 256, device)
     net = torch.compile(model) if compiled else model
     step = TrainStep(net, opt, cfg.terms, device, "bf16" if device.type == "cuda" else "fp32",
                      cuda_graph=graph, warmup=3)

@@ -27,7 +27,7 @@ LOSS_ON = ("masked", "visible")
 
 @dataclass
 class ModelConfig:
-    """Architecture, masking and loss settings. Sizes follow SPEC section 2."""
+    """Architecture, masking and loss settings (docs/design.md, "Model")."""
 
     preset: str = "base"
     variant: str = "crossmae"
@@ -151,24 +151,36 @@ def model_config(preset: str = "base", variant: str = "crossmae", **overrides) -
     return ModelConfig(**{"preset": preset, "variant": variant, **PRESETS[preset], **overrides})
 
 
+SAMPLE_RATE = 16000
+"""Audio sample rate (Hz) of every prepared, synthetic and loaded clip."""
+NUM_FRAMES = 10
+"""JPEG frames extracted per clip, frame i at video frame int(i * total / NUM_FRAMES)."""
+EVAL_FRAME = 5
+"""The frame evaluation uses (and the box annotations refer to); training draws one at random."""
+AUDIOSET_FBANK_MEAN, AUDIOSET_FBANK_STD = -5.081, 4.4849
+"""Log-mel normalisation (CAV-MAE's AudioSet statistics): (fbank - mean) / std."""
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+"""Per-channel image normalisation of the ImageNet MAE encoders."""
+
+
 @dataclass
 class DataConfig:
-    """Input pipeline constants (SPEC section 1). Build one from a model config with `data_config`."""
+    """Input pipeline settings (docs/design.md, "Inputs"). Build one from a model config with `data_config`."""
 
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
     audio_frames: int = 1024  # fbank frames after pad/crop (10 ms shift)
     audio_bins: int = 128  # mel bins
     frame_shift_ms: float = 10.0
     frame_length_ms: float = 25.0
-    # normalised fbank = (fbank - audio_mean) / audio_std. CAV-MAE: -5.081, 4.4849.
-    # AudioMAE: audio_mean=-4.2677393, audio_std=2 * 4.5689974.
-    audio_mean: float = -5.081
-    audio_std: float = 4.4849
+    # normalised fbank = (fbank - audio_mean) / audio_std; AudioMAE's statistics would be
+    # audio_mean=-4.2677393, audio_std=2 * 4.5689974.
+    audio_mean: float = AUDIOSET_FBANK_MEAN
+    audio_std: float = AUDIOSET_FBANK_STD
     image_size: int = 224
-    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    num_frames: int = 10  # frames extracted per clip
-    eval_frame: int = 5  # frame used in evaluation; training draws one at random
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    num_frames: int = NUM_FRAMES
+    eval_frame: int = EVAL_FRAME
 
 
 def data_config(model: ModelConfig | None = None, **overrides) -> DataConfig:

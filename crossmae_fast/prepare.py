@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 
+from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
 from crossmae_fast.data.extract import prepare
 
 
@@ -21,12 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
                                              "and a CAV-MAE manifest.")
     ap.add_argument("src", help="folder of videos (searched recursively) or CSV of paths [, labels]")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--frames", type=int, default=10, help="frames per clip (default 10)")
+    ap.add_argument("--frames", type=int, default=NUM_FRAMES, help=f"frames per clip (default {NUM_FRAMES})")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="worker processes; 0 or 1 runs in this process (default: CPU count)")
     ap.add_argument("--format", choices=("wav", "flac"), default="wav", help="audio file format")
     ap.add_argument("--image-size", type=int, default=224, help="frame size after resize and crop")
-    ap.add_argument("--sample-rate", type=int, default=16000, help="audio sample rate (default 16000)")
+    ap.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help=f"audio sample rate (default {SAMPLE_RATE})")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 

@@ -23,7 +23,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from crossmae_fast.config import DataConfig
+from crossmae_fast.config import SAMPLE_RATE, DataConfig
 from crossmae_fast.data import make_loader
 from crossmae_fast.data.clips import ClipSet, epoch_batches
 from crossmae_fast.data.fbank import image_features, kaldi_fbank
@@ -32,7 +32,7 @@ from crossmae_fast.data.media import frame_indices, save_jpeg
 from crossmae_fast.data.synthetic import make_synthetic_set
 
 CFG = DataConfig(audio_frames=1024, audio_bins=128, image_size=64)
-SR = 16000
+SR = SAMPLE_RATE
 # (seconds, sample rate, channels, format): 10 s (998 frames), crop, resample + downmix, pad, < 1 window
 CLIPS = [(10.0, SR, 1, "wav"), (12.3, SR, 1, "flac"), (3.3, 44100, 2, "wav"), (2.0, SR, 1, "wav"),
          (0.02, SR, 1, "wav"), (10.4, SR, 1, "wav"), (6.0, SR, 1, "flac")]

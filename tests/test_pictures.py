@@ -5,6 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
+from crossmae_fast.config import IMAGENET_MEAN, IMAGENET_STD
 from crossmae_fast.eval import pictures as pic
 
 
@@ -31,7 +32,7 @@ def test_patchify_roundtrip_and_layout():
 def test_denormalize_inverts_imagenet_normalisation():
     g = torch.Generator().manual_seed(1)
     rgb = torch.rand(3, 5, 7, generator=g)
-    mean, std = torch.tensor(pic.IMAGENET_MEAN)[:, None, None], torch.tensor(pic.IMAGENET_STD)[:, None, None]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     out = pic.denormalize_image((rgb - mean) / std)
     np.testing.assert_allclose(out, rgb.permute(1, 2, 0).numpy(), atol=1e-6)
     np.testing.assert_allclose(pic.to_display((rgb.permute(1, 2, 0) * 255).to(torch.uint8).numpy()),

@@ -9,6 +9,7 @@ import soundfile
 from media_fixtures import frame_level, make_mixed_folder, make_video
 from PIL import Image
 
+from crossmae_fast.config import SAMPLE_RATE
 from crossmae_fast.data.extract import prepare
 from crossmae_fast.data.manifest import frame_path, read_manifest
 from crossmae_fast.data.media import MediaError, read_audio, resize_center_crop
@@ -62,7 +63,7 @@ def test_outputs(prepared, mixed):
         seconds, fps, tone = GOOD[r["video_id"]]
         assert r["labels"] == "" and r["video"].startswith(str(mixed))
         x, sr = soundfile.read(r["wav"], dtype="float32")
-        assert sr == 16000 and x.ndim == 1
+        assert sr == SAMPLE_RATE and x.ndim == 1
         assert abs(len(x) - seconds * sr) < 0.03 * seconds * sr  # codec priming/padding only
         assert abs(dominant_hz(x, sr) - tone) < 5
         total = round(seconds * fps)
@@ -112,7 +113,7 @@ def test_csv_labels_flac_downmix_and_missing(mixed, tmp_path):
     rows = read_manifest(tmp_path / "out" / "manifest.json")
     assert [(r["video_id"], r["labels"]) for r in rows] == [("good_h264", "dog,bark"), ("left_only", "cat")]
     x, sr = soundfile.read(rows[1]["wav"])
-    assert rows[1]["wav"].endswith(".flac") and sr == 16000
+    assert rows[1]["wav"].endswith(".flac") and sr == SAMPLE_RATE
     mid = x[len(x) // 4: 3 * len(x) // 4]
     assert np.sqrt(np.mean(mid**2)) == pytest.approx(0.25 / np.sqrt(2), rel=0.05)  # mean of 0.5 and 0
     assert all((tmp_path / "out" / "frames" / f"frame_{i}" / "left_only.jpg").is_file() for i in range(4))

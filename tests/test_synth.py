@@ -10,6 +10,7 @@ import pytest
 import soundfile
 from PIL import Image
 
+from crossmae_fast.config import SAMPLE_RATE
 from crossmae_fast.data.manifest import frame_path, read_manifest
 from crossmae_fast.data.synthetic import make_synthetic_set
 from crossmae_fast.synth import main
@@ -79,7 +80,7 @@ def test_schema_split_and_files(synth_set):
         assert len({o["label"] for o in r["objects"]}) == len(r["objects"])
         assert [r["labels"], r["bbox"][0]] in [[o["label"], o["bbox"]] for o in r["objects"]]
         x, sr = soundfile.read(r["wav"])
-        assert (sr, x.ndim, len(x)) == (16000, 1, round(SECONDS * 16000))
+        assert (sr, x.ndim, len(x)) == (SAMPLE_RATE, 1, round(SECONDS * SAMPLE_RATE))
         for i in range(10):
             with Image.open(frame_path(r, i)) as im:
                 assert (im.format, im.mode, im.size) == ("JPEG", "RGB", (SIZE, SIZE))

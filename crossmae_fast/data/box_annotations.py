@@ -24,6 +24,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from crossmae_fast.config import EVAL_FRAME
 from crossmae_fast.data.manifest import frame_path
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def vggss_rows(json_path: str | Path, audio_dir: str | Path, frame_dir: str | Pa
     return rows
 
 
-def keep_available(rows: list[dict], frame_index: int = 5) -> list[dict]:
+def keep_available(rows: list[dict], frame_index: int = EVAL_FRAME) -> list[dict]:
     """Rows whose audio file and frame `video_path/frame_{frame_index}/<id>.jpg` exist; logs the rest."""
     kept = [r for r in rows if Path(r["wav"]).is_file() and Path(frame_path(r, frame_index)).is_file()]
     if len(kept) < len(rows):

@@ -36,6 +36,7 @@ from pathlib import Path
 import av
 from tqdm import tqdm
 
+from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
 from crossmae_fast.data.manifest import frame_path, write_manifest
 from crossmae_fast.data.media import (
     MediaError,
@@ -63,10 +64,10 @@ class Clip:
 class Settings:
     """What a finished clip depends on; a marker with other settings makes the clip redone."""
 
-    frames: int = 10
+    frames: int = NUM_FRAMES
     image_size: int = 224
     audio_format: str = "wav"
-    sample_rate: int = 16000
+    sample_rate: int = SAMPLE_RATE
 
 
 @dataclass
@@ -268,11 +269,11 @@ def prepare(
     src: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    frames: int = 10,
+    frames: int = NUM_FRAMES,
     workers: int = 1,
     audio_format: str = "wav",
     image_size: int = 224,
-    sample_rate: int = 16000,
+    sample_rate: int = SAMPLE_RATE,
     progress: bool = True,
 ) -> Summary:
     """Prepare every clip of `src` into `out` (see the module docstring); returns the summary."""

@@ -21,6 +21,8 @@ import numpy as np
 import soundfile
 from PIL import Image
 
+from crossmae_fast.config import SAMPLE_RATE
+
 JPEG_QUALITY = 90
 
 
@@ -68,7 +70,7 @@ def open_media(path: str | os.PathLike | BinaryIO) -> av.container.InputContaine
         raise MediaError("unreadable", f"{path}: {e}") from e
 
 
-def read_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
+def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Audio of `path` as a mono float32 array at `sample_rate` (resampled, channels averaged).
 
     Raises `MediaError` (a `ValueError`) naming the file and a reason: 'missing', 'empty',

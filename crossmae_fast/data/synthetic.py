@@ -51,6 +51,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
 from crossmae_fast.data.manifest import frame_path, write_manifest
 from crossmae_fast.data.media import frame_indices, save_jpeg, write_audio
 
@@ -59,8 +60,6 @@ COLOURS = {"red": (220, 50, 50), "green": (50, 190, 70), "blue": (50, 90, 230), 
 CLASSES = tuple(f"{c}_{s}" for s in SHAPES for c in COLOURS)
 F0 = {"circle": 200.0, "square": 300.0, "triangle": 450.0, "cross": 675.0}
 PITCH_OCTAVES = 0.5  # fundamental shift from the left edge to the right edge
-SAMPLE_RATE = 16000
-FRAMES = 10
 VIDEO_FPS = 10
 RADIUS = (0.09, 0.14)  # object radius as a fraction of the image side
 NOISE_STD = 6.0  # per-frame pixel noise, 0-255 scale
@@ -206,7 +205,7 @@ def make_clip(out: Path, seed: int, j: int, *, video: bool, seconds: float, imag
 
     total = max(1, round(seconds * VIDEO_FPS))
     cache: dict[int, np.ndarray] = {}
-    for i, k in enumerate(frame_indices(total, FRAMES)):
+    for i, k in enumerate(frame_indices(total, NUM_FRAMES)):
         cache[k] = cache[k] if k in cache else frame(k)
         save_jpeg(Image.fromarray(cache[k]), out / frame_path(row, i))
     if video:
@@ -249,7 +248,7 @@ def make_synthetic_set(
     if image_size < 8 or (video and image_size % 2):
         raise ValueError(f"image_size={image_size} must be at least 8 (and even with video)")
     out = Path(out)
-    for d in ["audio"] + [f"frames/frame_{i}" for i in range(FRAMES)] + (["video"] if video else []):
+    for d in ["audio"] + [f"frames/frame_{i}" for i in range(NUM_FRAMES)] + (["video"] if video else []):
         (out / d).mkdir(parents=True, exist_ok=True)
     # Threads overlap file-system waits with numpy and JPEG work (both release the GIL); every clip
     # has its own random stream, so the result does not depend on the scheduling.
@@ -267,7 +266,7 @@ def make_synthetic_set(
     )
     info = {
         "seed": seed, "clips": clips, "seconds": seconds, "image_size": image_size, "video": video,
-        "sample_rate": SAMPLE_RATE, "frames": FRAMES, "video_fps": VIDEO_FPS, "classes": list(CLASSES),
+        "sample_rate": SAMPLE_RATE, "frames": NUM_FRAMES, "video_fps": VIDEO_FPS, "classes": list(CLASSES),
         "f0_hz": F0, "pitch_octaves_across_width": PITCH_OCTAVES,
         "chance": {name: chance_levels(split) for name, split in splits.items()},
     }

@@ -19,10 +19,9 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from crossmae_fast.model.losses import patchify_audio, patchify_image
+from crossmae_fast.config import IMAGENET_MEAN, IMAGENET_STD
+from crossmae_fast.model.losses import NORM_PIX_EPS, patchify_audio, patchify_image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 Array = torch.Tensor | np.ndarray
 
 
@@ -217,7 +216,7 @@ def _reconstruct(target: torch.Tensor, pred: Array, mask: Array, norm_pix: bool)
         raise ValueError(f"prediction {tuple(pred_t.shape)} and mask {tuple(m.shape)} do not match "
                          f"the target patches {tuple(target.shape)}")
     if norm_pix:
-        pred_t = pred_t * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+        pred_t = pred_t * (target.var(-1, keepdim=True) + NORM_PIX_EPS).sqrt() + target.mean(-1, keepdim=True)
     return pred_t, m
 
 

@@ -6,6 +6,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+NORM_PIX_EPS = 1e-6
+"""Added to each patch's variance when reconstruction targets are normalised per patch (MAE)."""
+
 
 def patchify_image(imgs: torch.Tensor, p: int) -> torch.Tensor:
     """[B, C, H, W] -> [B, (H/p)*(W/p), p*p*C], MAE's patch order and channel-last pixels."""
@@ -28,7 +31,7 @@ def recon_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, nor
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)
-        target = (target - mean) / (var + 1e-6) ** 0.5
+        target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
     per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)
     weight = mask if on == "masked" else 1.0 - mask
     return (per_patch * weight).sum() / weight.sum()
@@ -48,7 +51,7 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return torch.cat(all_gather(x), dim=0), dist.get_rank() * x.shape[0]
 
 
-def contrastive_loss(audio: torch.Tensor, visual: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+def contrastive_loss(audio: torch.Tensor, visual: torch.Tensor, temperature: float) -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised global features (eq. 1: the sum of both directions).
 
     Under DDP the negatives are every rank's features; each rank averages over its own rows."""
