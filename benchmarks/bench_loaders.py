@@ -2,7 +2,7 @@
 
     pytest benchmarks/bench_loaders.py --benchmark-only
 
-One training epoch over a synthetic set (SPEC section 6: 10 s 16 kHz WAV, 224 px JPEG frames) with
+One training epoch over a synthetic set (docs/design.md section 6: 10 s 16 kHz WAV, 224 px JPEG frames) with
 the base preset's inputs (1024 x 128 log-mel, 224 x 224 image), batch 8, two workers: two DataLoader
 worker processes for torch, two DALI threads (plus the main thread reading file bytes) for DALI.
 An epoch includes starting the torch workers, as a training run without persistent workers pays it.

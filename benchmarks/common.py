@@ -128,7 +128,7 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
 
 def matmul_tflops(device: torch.device) -> float:
     """Dense matrix-product peak measured here (bf16 8192^3 on CUDA, fp32 1024^3 on the CPU): the
-    denominator of MFU. SPEC section 7 quotes ~790 TFLOP/s for an H100."""
+    denominator of MFU. docs/design.md section 7 quotes ~790 TFLOP/s measured on an H100."""
     n, dtype, reps = (8192, torch.bfloat16, 10) if device.type == "cuda" else (1024, torch.float32, 5)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

@@ -2,7 +2,7 @@
 
 Per sample. Element-wise work (norms, softmax, GELU, losses) is left out: it is well under 1% of a
 step. A train step is 3 x the forward of the trained parts (backward = 2 x forward) plus the
-forward-only target pass of the Cross-Embedding loss (SPEC section 7: ViT-B CrossMAE ~420 GFLOP;
+forward-only target pass of the Cross-Embedding loss (docs/design.md section 7: ViT-B CrossMAE ~420 GFLOP;
 these functions give 31.5 G encoders, 41.6 G cross-conditioned, 25.1 G cross-embedding, 132 G target,
 426 G per step).
 """

@@ -1,4 +1,4 @@
-"""FLOP accounting of `benchmarks.flops`: SPEC section 7's ViT-B numbers, and torch's own FLOP counter
+"""FLOP accounting of `benchmarks.flops`: the ViT-B numbers of docs/design.md section 7, and torch's own FLOP counter
 on small models of odd shapes (forward, and forward + backward of a train step)."""
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks import flops
 from crossmae_fast import CrossMAE, model_config
 
-SPEC_GFLOP = {"encoders": 31, "cross_conditioned": 41, "cross_embedding": 24, "target": 132}
+DESIGN_GFLOP = {"encoders": 31, "cross_conditioned": 41, "cross_embedding": 24, "target": 132}
 
 
 def test_vit_b_matches_spec():
     cfg = model_config("base", "crossmae")
     parts = flops.forward_flops(cfg)
-    assert set(parts) == set(SPEC_GFLOP)
-    for name, gflop in SPEC_GFLOP.items():
+    assert set(parts) == set(DESIGN_GFLOP)
+    for name, gflop in DESIGN_GFLOP.items():
         assert parts[name] / 1e9 == pytest.approx(gflop, rel=0.1), name
     assert flops.train_step_flops(cfg) / 1e9 == pytest.approx(420, rel=0.1)
-    # ~1,870 samples/s at 790 TFLOP/s (SPEC section 7)
+    # ~1,870 samples/s at 790 TFLOP/s (docs/design.md section 7)
     assert 790e12 / flops.train_step_flops(cfg) == pytest.approx(1870, rel=0.1)
 
 

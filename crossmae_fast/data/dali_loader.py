@@ -1,4 +1,4 @@
-"""DALI loader: SPEC section 1's features in one DALI pipeline; the device is the only difference.
+"""DALI loader: the input features of docs/design.md in one DALI pipeline; the device is the only difference.
 
 `device_id=None` (a CPU training device) runs every operator on the CPU; with a CUDA device, JPEGs
 decode through nvJPEG (`mixed`), and the waveform, after CPU decoding (`decoders.audio`: WAV, FLAC,
@@ -11,14 +11,14 @@ MJPEG; NVDEC through `mixed` on a GPU: also H.264, HEVC, AV1, MPEG-4); a per-sam
 the other rows through the JPEG decoder. Rows whose codec this device's decoder lacks (H.264 on the
 CPU) use their JPEG frames, with one warning per codec.
 
-Log-mel, equal to torchaudio's Kaldi fbank with SPEC section 1's settings up to float rounding and the
+Log-mel, equal to torchaudio's Kaldi fbank with the same settings up to float rounding and the
 mel triangles: each 25 ms frame is cut out explicitly (hop-sized blocks side by side), loses its own DC
 offset and is pre-emphasised (0.97) as Kaldi does per frame; then `spectrogram` over the frames laid end
 to end (400-sample symmetric Hann window = Kaldi's 'hanning', step 400, nfft 512, power 2, no centre
 padding), `mel_filter_bank(htk, 20 Hz..Nyquist, unnormalised)`, natural log floored at float32 epsilon
 (Kaldi's floor); then pad/crop and normalise as in `fbank.audio_features`. Residual against
 torchaudio's Kaldi fbank on 10 s harmonic-plus-noise mixtures: mean |diff| ~0.002 in log units,
-correlation > 0.99999 (DALI's triangles are linear in Hz, Kaldi's in mel). SPEC section 1's shortcut
+correlation > 0.99999 (DALI's triangles are linear in Hz, Kaldi's in mel). The shortcut
 (`preemphasis_filter` and mean subtraction on the whole clip, window step 160) saves the framing
 copies but leaves the DC leakage of each frame, which pre-emphasis makes dominant in the lowest mel
 bins: on the same mixtures mean |diff| 0.010-0.026 and correlation down to 0.9976, outside the tests'

@@ -1,4 +1,4 @@
-"""Reference audio and image features (SPEC section 1): the torch loader's transforms and the tests' oracle.
+"""Reference audio and image features (docs/design.md section 1): the torch loader's transforms and the tests' oracle.
 
 Audio follows CAV-MAE: mean-subtracted 16 kHz mono waveform, torchaudio's Kaldi fbank, zero-padded at
 the end or cropped to `audio_frames`, then `(fbank - audio_mean) / audio_std` (padding happens before

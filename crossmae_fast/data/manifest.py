@@ -1,6 +1,6 @@
 """CAV-MAE datafile manifests: read, validate, write.
 
-Format (SPEC section 1): `{"data": [{"video_id", "wav", "video_path", "labels", "video"?, "bbox"?}]}`.
+Format (docs/design.md section 1): `{"data": [{"video_id", "wav", "video_path", "labels", "video"?, "bbox"?}]}`.
 Frame `i` of a row is `video_path/frame_{i}/{video_id}.jpg`. `labels` is CAV-MAE's comma-separated
 label string; `bbox` is a list of `[x0, y0, x1, y1]` boxes normalised to [0, 1]. Other keys are kept.
 Relative paths are relative to the manifest's folder; `read_manifest` resolves them.

@@ -1,7 +1,7 @@
 """Media helpers shared by `prepare`, `synth` and the data loaders.
 
 Audio is read with PyAV (any container or codec FFmpeg knows), resampled to the target rate and
-downmixed to mono by averaging channels. Images follow SPEC section 1: resize the short side
+downmixed to mono by averaging channels. Images follow the input rule of docs/design.md: resize the short side
 (bicubic), then centre-crop a square. Frames are taken at indices `int(i * total / n)`; the loaders'
 video mode finds them again by demuxing (`index_video`) and seeking (`read_video_frame`). A truncated
 file whose container declares no frame count (webm) reads as a shorter video, not as a bad one.
@@ -138,7 +138,7 @@ class VideoIndex:
     keyframes: list[int]
 
     def frame(self, i: int, n: int) -> int:
-        """Index of frame `i` of `n` (SPEC frame rule); `MediaError` 'truncated' when it is missing."""
+        """Index of frame `i` of `n` (`frame_indices` rule); `MediaError` 'truncated' when it is missing."""
         k = frame_indices(self.total, n)[i]
         if k >= self.packets:
             raise MediaError("truncated", f"frame {k} wanted, {self.packets} of {self.total} present")

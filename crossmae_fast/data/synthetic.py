@@ -1,4 +1,4 @@
-"""Synthetic audio-visual set (SPEC section 6), written as real media files.
+"""Synthetic audio-visual set (docs/design.md section 6), written as real media files.
 
     python -m crossmae_fast.synth --out DIR --clips N --seed S [--video] [--seconds 4]
         [--image-size 224] [--eval-fraction 0.25]
@@ -24,7 +24,7 @@ clip does not depend on the number of clips, and the same seed gives the same by
   at 10-20 dB SNR. Audio: `seconds` long, 16 kHz mono 16-bit WAV.
 - Files: `frames/frame_{i}/{id}.jpg` (10 frames, JPEG quality 90), `audio/{id}.wav`, with
   `--video` also `video/{id}.webm` (VP9, 10 fps, `seconds` long, no audio); JPEG frame `i` is video
-  frame `int(i * total / 10)`, the SPEC frame rule.
+  frame `int(i * total / 10)`, the loaders' frame rule.
 - Manifests `train.json` and `eval.json` (the last `round(clips * eval_fraction)` clips), CAV-MAE
   rows with `labels` = the sounding class, `bbox` = `[[x0, y0, x1, y1]]` of the sounding object
   (normalised), `objects` = every object's label and box, and `video` with `--video`. Also

@@ -1,4 +1,4 @@
-"""Torch reference loader: a Dataset + DataLoader computing SPEC section 1's features with
+"""Torch reference loader: a Dataset + DataLoader computing the input features of docs/design.md with
 torchaudio's Kaldi fbank and PIL. The fallback where DALI or a GPU is missing, and the tests' oracle.
 
 Audio is read with PyAV (`media.read_audio`: any rate resampled to 16 kHz, channels averaged). A row

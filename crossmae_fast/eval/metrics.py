@@ -1,4 +1,4 @@
-"""Evaluation metrics: audio-visual retrieval and sound-source localization (SPEC section 5).
+"""Evaluation metrics: audio-visual retrieval and sound-source localization (docs/design.md section 5).
 
 Retrieval follows CAV-MAE's `src/retrieval.py`: cosine similarity of global features, the 0-based
 rank of the true pair in each row, R@K = mean(rank < K), median rank reported 1-based

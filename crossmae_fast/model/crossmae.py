@@ -163,7 +163,7 @@ class ReconDecoder(nn.Module):
         """[B, L, patch_pixels] predictions in the original patch order."""
         x = self.embed(latent)
         cls, tokens = x[:, :1], x[:, 1:]
-        if cond is not None:  # queries: the visible patch tokens (SPEC section 2)
+        if cond is not None:  # queries: the visible patch tokens, not CLS
             tokens = tokens + self.cross_attn(self.cross_norm(tokens), cond, cond_index)
         tokens = self.ops.restore_tokens(tokens, self.mask_token, ids_restore, self.pos_embed[:, 1:])
         x = torch.cat([cls + self.pos_embed[:, :1], tokens], dim=1)
@@ -278,7 +278,7 @@ class CrossMAE(nn.Module):
 
     def attentive_tokens(self, enc: Encoded, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(memory, index) for the Cross-Conditioned layer: the visible tokens read through the top-k
-        CLS-attention indices, random visible indices, or k zero vectors (SPEC ablations)."""
+        CLS-attention indices, random visible indices, or k zero vectors (the Table 6 ablations)."""
         tokens = enc.latent[:, 1:]
         mode = self.cfg.attentive_tokens
         if mode == "zero":

@@ -64,7 +64,7 @@ def load_encoder(encoder: Encoder, state: dict[str, torch.Tensor], prefix: str, 
 
 
 def load_mae_checkpoint(model: CrossMAE, path: str | Path) -> LoadReport:
-    """Initialise both encoders from an ImageNet MAE / timm ViT checkpoint (SPEC section 2).
+    """Initialise both encoders from an ImageNet MAE / timm ViT checkpoint (docs/design.md, "Initialisation").
 
     The audio patch embedding is the RGB one summed over channels (CAV-MAE); position embeddings
     stay the fixed sin-cos of this model's grids. Skipped keys are logged with their reason."""

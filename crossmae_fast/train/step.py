@@ -1,4 +1,4 @@
-"""Pre-training recipe (SPEC section 4): `TrainConfig`, AdamW parameter groups, the learning-rate
+"""Pre-training recipe (docs/design.md section 4): `TrainConfig`, AdamW parameter groups, the learning-rate
 schedule and `TrainStep`, one optimisation step that runs as a single CUDA graph on GPUs.
 
 `TrainStep` never reads a value back to the host: the learning rate is a device tensor written
