@@ -192,6 +192,11 @@ TARGETS: dict[tuple[str, str], list[Target]] = {
     ("cross_attention_index", "ours"): [
         Target("speedup vs best SDPA >= 1.2", _speedup_over("reference", prefix="sdpa-"), at_least=1.2)
     ],
+    # issue 13 (MAE ViT-B/16, bf16, batch 256): `kernels.patch_mae` must not slow MAE's own step
+    ("mae_step", "patched"): [Target("speedup vs MAE's methods >= 1.0", _speedup_over("mae"), at_least=1.0)],
+    ("mae_step", "patched-compile"): [
+        Target("speedup vs MAE's methods compiled >= 1.0", _speedup_over("mae-compile"), at_least=1.0)
+    ],
 }
 
 

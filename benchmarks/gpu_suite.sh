@@ -62,10 +62,12 @@ test_status=${PIPESTATUS[0]}
 [ "$test_status" -eq 0 ] || { echo "gpu_suite: tests exited with $test_status"; status=$test_status; }
 
 echo "== benchmarks (budget ${BENCH_BUDGET_S:-300} s) =="
-# the train step first: it carries most of the targets; the loaders last (they skip without DALI)
+# the train step first: it carries most of the targets; then the ops and the patched MAE step; the
+# loaders last (they skip without DALI)
 CROSSMAE_BENCH_PARTIAL="$dir/${stem}_partial.json" CROSSMAE_BENCH_BUDGET_S="${BENCH_BUDGET_S:-300}" timeout --signal=INT --kill-after=15 \
     "$(( ${BENCH_BUDGET_S:-300} + 60 ))" env -u TRITON_INTERPRET \
-    "$PY" -m pytest benchmarks/bench_train_step.py benchmarks/bench_ops.py benchmarks/bench_loaders.py \
+    "$PY" -m pytest benchmarks/bench_train_step.py benchmarks/bench_ops.py benchmarks/bench_mae_patch.py \
+    benchmarks/bench_loaders.py \
     --benchmark-only -q -rs -p no:cacheprovider --continue-on-collection-errors \
     --benchmark-json="$dir/$stem.json" 2>&1 | tee "$dir/${stem}_bench.log"
 bench_status=${PIPESTATUS[0]}

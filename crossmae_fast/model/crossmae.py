@@ -32,8 +32,8 @@ def resolve_ops(name: str) -> SimpleNamespace:
     """`reference`: pure torch everywhere. `triton` / `auto`: the fused ops, which run Triton on
     CUDA tensors (and on CPU under TRITON_INTERPRET=1) and their references on CPU otherwise."""
     if name == "reference":
-        return SimpleNamespace(**{op: getattr(reference, f"{op}_reference") for op in kernels.__all__})
-    return SimpleNamespace(**{op: getattr(kernels, op) for op in kernels.__all__})
+        return SimpleNamespace(**{op: getattr(reference, f"{op}_reference") for op in kernels.OPS})
+    return SimpleNamespace(**{op: getattr(kernels, op) for op in kernels.OPS})
 
 
 class Attention(nn.Module):
