@@ -16,7 +16,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from crossmae_fast.pos_embed import sincos_2d
+from crossmae_fast.model.pos_embed import sincos_2d
 
 
 def mae_random_masking(x: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
