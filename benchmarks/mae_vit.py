@@ -16,6 +16,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from crossmae_fast.model.losses import NORM_PIX_EPS
 from crossmae_fast.model.pos_embed import sincos_2d
 
 
@@ -135,7 +136,7 @@ class MAEViT(nn.Module):
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1.0e-6) ** 0.5
+            target = (target - mean) / (var + NORM_PIX_EPS) ** 0.5
         loss = ((pred - target) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
