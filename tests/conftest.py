@@ -1,16 +1,31 @@
-"""Suite-wide setup: without a GPU the Triton kernels run in the interpreter on CPU tensors.
+"""Suite-wide setup: without a GPU the Triton kernels run in the interpreter on CPU tensors; every
+test's global RNGs are seeded from its name; one synthetic set per session for the tests that train.
 
 TRITON_INTERPRET is read when kernels are decorated, so it is set here, before any test module
 imports triton. An explicit TRITON_INTERPRET in the environment wins.
 """
 
 import os
+import random
+import zlib
 
+import numpy as np
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Every test starts from the global RNGs (torch, numpy, random) seeded from its own name, so its
+    random inputs are fixed from run to run and differ between tests; returns the seed."""
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    return seed
 
 
 @pytest.fixture(scope="session")

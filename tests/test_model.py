@@ -30,22 +30,33 @@ def tiny(variant: str = "crossmae", **kw) -> CrossMAE:
 
 @pytest.mark.parametrize("preset", ["tiny", "base", "large"])
 def test_output_shapes_at_real_input_size(preset):
+    """`tiny` runs for real; `base` and `large` run on the meta device (shapes only, no compute)."""
     cfg = model_config(preset, ops="reference")
-    model = CrossMAE(cfg)
-    batch = 2 if preset == "tiny" else 1
-    audio, image = inputs(cfg, batch)
+    batch = 2
+    if preset == "tiny":
+        model = tiny()
+        audio, image = inputs(cfg, batch)
+    else:
+        with torch.device("meta"):
+            model = CrossMAE(cfg)
+        model = model.to("meta")  # buffers built from numpy land on the CPU first
+        audio = torch.empty(batch, cfg.audio_frames, cfg.audio_bins, device="meta")
+        image = torch.empty(batch, 3, cfg.image_size, cfg.image_size, device="meta")
     with torch.no_grad():
         out = model(audio, image)
     na, nv = cfg.num_audio_patches, cfg.num_image_patches
-    assert out["loss"].shape == ()
+    assert out["loss"].shape == () and out["cross_embedding"].shape == ()
     assert out["audio_mask"].shape == (batch, na) and out["image_mask"].shape == (batch, nv)
-    assert out["audio_mask"].sum(1).eq(na - cfg.num_visible(na)).all()
+    assert out["audio_ids_keep"].shape == (batch, cfg.num_visible(na))
+    assert out["image_ids_keep"].shape == (batch, cfg.num_visible(nv))
     assert out["audio_pred"].shape == (batch, na, cfg.audio_patch**2)
     assert out["image_pred"].shape == (batch, nv, 3 * cfg.image_patch**2)
     assert out["audio_attentive"].shape == (batch, cfg.num_attentive(na))
     assert out["image_attentive"].shape == (batch, cfg.num_attentive(nv))
     assert out["audio_global"].shape == out["image_global"].shape == (batch, cfg.embed_dim)
-    if preset == "base":
+    if preset == "tiny":
+        assert out["audio_mask"].sum(1).eq(na - cfg.num_visible(na)).all()
+    else:
         assert (na, nv, cfg.num_visible(na), cfg.num_visible(nv)) == (512, 196, 128, 49)
         assert (cfg.num_attentive(na), cfg.num_attentive(nv)) == (32, 12)
 
@@ -95,7 +106,7 @@ def test_masking_matches_mae():
     model = tiny()
     enc = model.image_encoder
     _, image = inputs(model.cfg)
-    noise = torch.rand(image.shape[0], enc.num_patches)
+    noise = torch.rand(image.shape[0], enc.num_patches, generator=torch.Generator().manual_seed(3))
     out = enc(image, 0.75, noise)
     tokens = enc.patch_embed(image) + enc.pos_embed[:, 1:]
     x_masked, mask, ids_restore = mae_random_masking(tokens, 0.75, noise)
