@@ -19,7 +19,8 @@ import torch
 
 from benchmarks import common, flops
 from crossmae_fast import CrossMAE, model_config
-from crossmae_fast.train.step import PAPER_BLR, TrainConfig, TrainStep, make_optimizer
+from crossmae_fast.config import PAPER_BLR, TrainConfig
+from crossmae_fast.train.step import TrainStep, make_optimizer
 
 IMPLS = {  # impl -> (ops, torch.compile, CUDA graph)
     "reference": ("reference", False, False),

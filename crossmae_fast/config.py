@@ -1,13 +1,19 @@
-"""Dataclass configs and presets for the model and the data pipeline.
+"""Dataclass configs and presets: the model, the data pipeline, training and evaluation.
 
-`model_config(preset, variant, **overrides)` is the public way to build a config; invalid values
-and invalid combinations raise `ValueError` naming the field.
+`model_config(preset, variant, **overrides)` builds a model config; `run_config(values)` builds the
+whole `RunConfig` of a pre-training run (sections `model`, `data`, `train`, `eval`) from nested or
+flat values with its preset applied. Every field carries its help text in `metadata["help"]`, from
+which `crossmae_fast.options` generates command-line options and reads config files: a field added
+here is an option of every CLI that uses its section. Invalid values and combinations raise
+`ValueError` naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 VARIANTS: dict[str, frozenset[str]] = {
     "cl-av": frozenset({"contrastive"}),
@@ -23,49 +29,93 @@ ATTENTIVE_TOKENS = ("topk", "zero", "random")
 QUERIES = ("learnable", "empty", "target-tokens")
 OPS = ("auto", "triton", "reference")
 LOSS_ON = ("masked", "visible")
+LOADERS = ("dali", "torch")
+PRECISIONS = ("auto", "bf16", "fp32")
+PAPER_BLR = 1.5e-4
+SAMPLE_RATE = 16000
+"""Audio sample rate (Hz) of every prepared, synthetic and loaded clip."""
+NUM_FRAMES = 10
+"""JPEG frames extracted per clip, frame i at video frame int(i * total / NUM_FRAMES)."""
+EVAL_FRAME = 5
+"""The frame evaluation uses (and the box annotations refer to); training draws one at random."""
+AUDIOSET_FBANK_MEAN, AUDIOSET_FBANK_STD = -5.081, 4.4849
+"""Log-mel normalisation (CAV-MAE's AudioSet statistics): (fbank - mean) / std."""
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+"""Per-channel image normalisation of the ImageNet MAE encoders."""
+
+PRESETS: dict[str, dict[str, dict]] = {
+    # CPU-sized: 64x64 frames (8x8 patches of 8 px), 256x64 fbank (16x4 patches of 16). Its short
+    # CPU runs learn little at the paper's base learning rate, hence a higher one.
+    "tiny": {
+        "model": dict(image_size=64, image_patch=8, audio_frames=256, audio_bins=64, audio_patch=16,
+                      embed_dim=128, depth=4, num_heads=4, decoder_dim=64, decoder_depth=2, decoder_heads=2,
+                      emb_decoder_depth=1),
+        "train": dict(blr=1.5e-3),
+    },
+    "base": {"model": dict(embed_dim=768, depth=12, num_heads=12)},
+    "large": {"model": dict(embed_dim=1024, depth=24, num_heads=16)},
+}
+"""Named starting points: per section (`model`, `data`, `train`, `eval`), the fields a preset sets.
+Values given in a config file or on the command line override them."""
+DEFAULT_PRESET = "tiny"
+"""The preset of a run that names none (`run_config`, `python -m crossmae_fast.pretrain`)."""
+
+
+def opt(default, help: str, choices: tuple | None = None, **meta):
+    """A config field with its help text (and allowed values); the options are generated from it.
+    Extra metadata: `follows="model"` (the value is copied from that section's field of the same
+    name: no option of its own), `const` (the value of a bare `--option`)."""
+    if isinstance(default, (list, dict)):
+        raise TypeError("mutable defaults are not supported")
+    return field(default=default, metadata={"help": help, "choices": choices, **meta})
+
+
+def check_choices(cfg) -> None:
+    """Raise ValueError for each field of `cfg` whose value is not one of its `choices`."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        if choices and getattr(cfg, f.name) not in choices:
+            raise ValueError(f"{f.name}={getattr(cfg, f.name)!r} is not one of {', '.join(map(repr, choices))}")
 
 
 @dataclass
 class ModelConfig:
     """Architecture, masking and loss settings (docs/design.md, "Model")."""
 
-    preset: str = "base"
-    variant: str = "crossmae"
+    preset: str = opt("base", "model size preset; sets the sizes below (and the tiny preset a higher --blr); "
+                      "options given beside it override its values", choices=tuple(PRESETS))
+    variant: str = opt("crossmae", "loss terms (paper Table 2)", choices=tuple(VARIANTS))
     # inputs
-    image_size: int = 224
-    image_patch: int = 16
-    audio_frames: int = 1024
-    audio_bins: int = 128
-    audio_patch: int = 16
+    image_size: int = opt(224, "frame side in pixels (the data pipeline crops to it)")
+    image_patch: int = opt(16, "image patch side in pixels")
+    audio_frames: int = opt(1024, "fbank frames per clip after pad/crop (10 ms shift)")
+    audio_bins: int = opt(128, "mel bins of the fbank")
+    audio_patch: int = opt(16, "audio patch side (frames and bins)")
     # encoders (one per modality, same shape)
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    embed_dim: int = opt(768, "encoder width")
+    depth: int = opt(12, "encoder blocks per modality")
+    num_heads: int = opt(12, "encoder attention heads")
+    mlp_ratio: float = opt(4.0, "MLP hidden width / model width (encoders and decoders)")
     # cross-conditioned / plain reconstruction decoders
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
+    decoder_dim: int = opt(512, "reconstruction decoder width")
+    decoder_depth: int = opt(8, "reconstruction decoder blocks")
+    decoder_heads: int = opt(16, "reconstruction decoder attention heads")
     # cross-embedding decoders
-    emb_decoder_depth: int = 4
+    emb_decoder_depth: int = opt(4, "cross-embedding decoder blocks")
     # method
-    mask_ratio: float = 0.75
-    topk_ratio: float = 0.25
-    norm_pix_loss: bool = True
-    recon_loss_on: str = "masked"
-    temperature: float = 0.05
-    contrastive_weight: float = 0.1
-    attentive_tokens: str = "topk"
-    queries: str = "learnable"
+    mask_ratio: float = opt(0.75, "share of patches masked per modality, in (0, 1)")
+    topk_ratio: float = opt(0.25, "Attentive Tokens kept, as a share of the visible patches, in (0, 1]")
+    norm_pix_loss: bool = opt(True, "reconstruct per-patch normalised targets (MAE's norm_pix_loss)")
+    recon_loss_on: str = opt("masked", "patches the reconstruction loss averages over", choices=LOSS_ON)
+    temperature: float = opt(0.05, "contrastive (InfoNCE) temperature")
+    contrastive_weight: float = opt(0.1, "weight of the contrastive term in the total loss")
+    attentive_tokens: str = opt("topk", "Attentive Tokens ablation (paper Table 6)", choices=ATTENTIVE_TOKENS)
+    queries: str = opt("learnable", "Learnable Queries ablation (paper Table 7)", choices=QUERIES)
     # implementation
-    ops: str = "auto"
+    ops: str = opt("auto", "token ops: fused Triton kernels or pure-torch references", choices=OPS)
 
     def __post_init__(self) -> None:
-        _check_choice("variant", self.variant, tuple(VARIANTS))
-        _check_choice("attentive_tokens", self.attentive_tokens, ATTENTIVE_TOKENS)
-        _check_choice("queries", self.queries, QUERIES)
-        _check_choice("ops", self.ops, OPS)
-        _check_choice("recon_loss_on", self.recon_loss_on, LOSS_ON)
+        check_choices(self)
         for name, size, patch in (
             ("image_size", self.image_size, self.image_patch),
             ("audio_frames", self.audio_frames, self.audio_patch),
@@ -129,67 +179,200 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
-PRESETS: dict[str, dict] = {
-    # CPU-sized: 64x64 frames (8x8 patches of 8 px), 256x64 fbank (16x4 patches of 16).
-    "tiny": dict(
-        image_size=64, image_patch=8, audio_frames=256, audio_bins=64, audio_patch=16,
-        embed_dim=128, depth=4, num_heads=4, decoder_dim=64, decoder_depth=2, decoder_heads=2,
-        emb_decoder_depth=1,
-    ),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16),
-}
-
-
 def model_config(preset: str = "base", variant: str = "crossmae", **overrides) -> ModelConfig:
     """Config of a preset (`tiny`, `base`, `large`) and variant, with field overrides."""
-    _check_choice("preset", preset, tuple(PRESETS))
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {', '.join(map(repr, PRESETS))}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
-    return ModelConfig(**{"preset": preset, "variant": variant, **PRESETS[preset], **overrides})
-
-
-SAMPLE_RATE = 16000
-"""Audio sample rate (Hz) of every prepared, synthetic and loaded clip."""
-NUM_FRAMES = 10
-"""JPEG frames extracted per clip, frame i at video frame int(i * total / NUM_FRAMES)."""
-EVAL_FRAME = 5
-"""The frame evaluation uses (and the box annotations refer to); training draws one at random."""
-AUDIOSET_FBANK_MEAN, AUDIOSET_FBANK_STD = -5.081, 4.4849
-"""Log-mel normalisation (CAV-MAE's AudioSet statistics): (fbank - mean) / std."""
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-"""Per-channel image normalisation of the ImageNet MAE encoders."""
+    return ModelConfig(**{"preset": preset, "variant": variant, **PRESETS[preset].get("model", {}), **overrides})
 
 
 @dataclass
 class DataConfig:
-    """Input pipeline settings (docs/design.md, "Inputs"). Build one from a model config with `data_config`."""
+    """How clips become batches: the loader and the input settings (docs/design.md, "Inputs"). Its
+    input sizes follow the model (`data_config(model)`, `RunConfig`)."""
 
-    sample_rate: int = SAMPLE_RATE
-    audio_frames: int = 1024  # fbank frames after pad/crop (10 ms shift)
-    audio_bins: int = 128  # mel bins
-    frame_shift_ms: float = 10.0
-    frame_length_ms: float = 25.0
-    # normalised fbank = (fbank - audio_mean) / audio_std; AudioMAE's statistics would be
-    # audio_mean=-4.2677393, audio_std=2 * 4.5689974.
-    audio_mean: float = AUDIOSET_FBANK_MEAN
-    audio_std: float = AUDIOSET_FBANK_STD
-    image_size: int = 224
-    image_mean: tuple[float, float, float] = IMAGENET_MEAN
-    image_std: tuple[float, float, float] = IMAGENET_STD
-    num_frames: int = NUM_FRAMES
-    eval_frame: int = EVAL_FRAME
+    loader: str = opt("dali", "data loader: DALI (GPU or CPU; the torch loader where DALI is missing) or the "
+                      "torch DataLoader", choices=LOADERS)
+    workers: int = opt(2, "data loader workers (DALI threads)")
+    video: bool = opt(False, "decode the frame from each row's \"video\" file where it has one (else its JPEGs)")
+    sample_rate: int = opt(SAMPLE_RATE, "audio sample rate in Hz (every clip is resampled to it)")
+    audio_frames: int = opt(1024, "fbank frames after pad/crop: the model's audio_frames", follows="model")
+    audio_bins: int = opt(128, "mel bins: the model's audio_bins", follows="model")
+    frame_shift_ms: float = opt(10.0, "fbank frame shift in ms")
+    frame_length_ms: float = opt(25.0, "fbank window length in ms")
+    # AudioMAE's statistics would be audio_mean=-4.2677393, audio_std=2 * 4.5689974.
+    audio_mean: float = opt(AUDIOSET_FBANK_MEAN, "fbank mean subtracted before dividing by --audio-std")
+    audio_std: float = opt(AUDIOSET_FBANK_STD, "fbank standard deviation the features are divided by")
+    image_size: int = opt(224, "frame side after resize and centre crop: the model's image_size", follows="model")
+    image_mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "per-channel RGB mean (0-1 scale)")
+    image_std: tuple[float, float, float] = opt(IMAGENET_STD, "per-channel RGB standard deviation")
+    num_frames: int = opt(NUM_FRAMES, "frames extracted per clip (training draws one at random)")
+    eval_frame: int = opt(EVAL_FRAME, "the frame evaluation uses")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        self.image_mean, self.image_std = tuple(map(float, self.image_mean)), tuple(map(float, self.image_std))
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_mean and image_std need 3 values (R, G, B)")
+        if self.workers < 0:
+            raise ValueError(f"workers={self.workers} must not be negative")
+        if not (self.audio_std > 0 and min(self.image_std) > 0):
+            raise ValueError("audio_std and image_std must be positive")
+        if not 0 <= self.eval_frame < self.num_frames:
+            raise ValueError(f"eval_frame={self.eval_frame} must lie in [0, num_frames={self.num_frames})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def data_config(model: ModelConfig | None = None, **overrides) -> DataConfig:
     """Data config whose input sizes match `model` (default: the base preset)."""
     model = model or model_config("base")
-    sizes = dict(audio_frames=model.audio_frames, audio_bins=model.audio_bins, image_size=model.image_size)
-    return DataConfig(**{**sizes, **overrides})
+    return DataConfig(**{**_followed(DataConfig, model), **overrides})
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+@dataclass
+class TrainConfig:
+    """The optimisation and the run: length, learning rate, where it writes, how it runs."""
+
+    data: str | None = opt(None, "train manifest (CAV-MAE JSON); default: a cached synthetic set")
+    batch_size: int = opt(32, "samples per process and step")
+    epochs: float = opt(24.0, "training length in epochs of the train manifest")
+    steps: int | None = opt(None, "training length in optimisation steps; overrides --epochs")
+    blr: float = opt(PAPER_BLR, "base learning rate; lr = blr * global batch / 256")
+    lr: float | None = opt(None, "absolute learning rate; overrides --blr")
+    min_lr: float = opt(0.0, "learning rate at the end of the cosine")
+    warmup: str = opt("5%", "linear warm-up: N steps ('500'), epochs ('2ep') or a share of the run ('5%')")
+    weight_decay: float = opt(0.05, "AdamW weight decay (not on biases, norms, tokens, queries)")
+    seed: int = opt(0, "random seed (model init, masking, data order)")
+    init: str | None = opt(None, "ImageNet MAE / timm ViT checkpoint for both encoders")
+    out: str = opt("runs/pretrain", "output folder: checkpoints, metrics.jsonl, encoders, evaluation")
+    resume: str | None = opt(None, "'auto' (latest checkpoint in --out, else start fresh) or a checkpoint path",
+                             const="auto")
+    save_every: int = opt(50, "steps between checkpoints (0: only at the end)")
+    keep: int = opt(2, "checkpoints kept (the newest)")
+    log_every: int = opt(10, "steps between progress lines / metrics records (one host sync each)")
+    time_limit: float | None = opt(None, "minutes after which the run saves a checkpoint and stops (resume "
+                                   "continues it)")
+    device: str = opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+    precision: str = opt("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on the CPU", choices=PRECISIONS)
+    cuda_graph: bool = opt(True, "capture the train step in one CUDA graph (CUDA only)")
+    compile: bool = opt(False, "torch.compile the model")
+    threads: int = opt(0, "torch CPU threads; 0 = torch's default, or 1 on a busy machine")
+    export_encoders: bool = opt(True, "write timm state dicts encoder_audio.pth / encoder_image.pth at the end")
+    synth_clips: int = opt(256, "clips of the default synthetic set (a quarter go to its eval.json)")
+    synth_seconds: float = opt(3.0, "audio seconds per synthetic clip")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("batch_size", "log_every", "keep", "synth_clips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be at least 1")
+        for name in ("save_every", "threads", "min_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)} must not be negative")
+        for name in ("epochs", "synth_seconds", "blr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be positive")
+        for name in ("steps", "lr", "time_limit"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be positive")
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(f"--weight-decay={self.weight_decay} must lie in [0, 1)")
+        if not re.fullmatch(r"\d+|\d+(\.\d*)?(ep|%)", str(self.warmup)):
+            raise ValueError(f"--warmup={self.warmup!r}: expected steps ('500'), epochs ('2ep') or a share ('5%')")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"--device={self.device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.steps if self.steps is not None else max(1, round(self.epochs * steps_per_epoch))
+
+    def warmup_steps(self, total: int, steps_per_epoch: int) -> int:
+        w = str(self.warmup)
+        if w.endswith("%"):
+            n = float(w[:-1]) / 100 * total
+        elif w.endswith("ep"):
+            n = float(w[:-2]) * steps_per_epoch
+        else:
+            n = int(w)
+        return min(total, round(n))
+
+    def base_lr(self, global_batch: int) -> float:
+        return self.lr if self.lr is not None else self.blr * global_batch / 256
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation that ends a pre-training run."""
+
+    eval_data: str | None = opt(None, "evaluation manifest for the final summary; default: the synthetic set's "
+                                "eval.json (none with --data unless given)")
+    eval_pictures: int = opt(2, "pictures drawn by the final evaluation (each takes seconds on a CPU)")
+
+    def __post_init__(self) -> None:
+        if self.eval_pictures < 0:
+            raise ValueError(f"--eval-pictures={self.eval_pictures} must not be negative")
+
+
+@dataclass
+class RunConfig:
+    """Everything a pre-training run depends on, by section. `run_config` applies presets; the
+    constructor takes the sections as they are (the data sizes are copied from the model)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        self.data = dataclasses.replace(self.data, **_followed(DataConfig, self.model))
+
+    def to_dict(self) -> dict:
+        """{section: {field: value}}: what a checkpoint stores and `from_dict` reads back."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> RunConfig:
+        """The config `to_dict` wrote (no preset applied; a field missing takes its default)."""
+        sections = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(sections))
+        if unknown:
+            raise ValueError(f"unknown config section(s): {', '.join(unknown)}")
+        return cls(**{name: _section(make, values.get(name, {}), name) for name, make in sections.items()})
+
+
+def run_config(values: Mapping | None = None, **flat) -> RunConfig:
+    """A `RunConfig` from dataclass defaults <- the preset (`model.preset`, default `tiny`) <- `values`
+    (nested `{"train": {"steps": 5}}` or flat `{"steps": 5}`) <- keyword arguments (flat)."""
+    from crossmae_fast.options import merge, nest
+
+    nested = merge(nest(RunConfig, values or {}), nest(RunConfig, flat))
+    preset = nested.get("model", {}).get("preset", DEFAULT_PRESET)
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {', '.join(map(repr, PRESETS))}")
+    sections = merge(PRESETS[preset], nested)
+    sections["model"] = {**sections.get("model", {}), "preset": preset}
+    return RunConfig.from_dict(sections)
+
+
+def _section(make, values: Mapping, name: str):
+    try:
+        return make(**values)
+    except TypeError as e:  # an unknown field
+        raise ValueError(f"config section {name!r}: {e}") from None
+
+
+def _followed(cls, source) -> dict:
+    """Values of `cls`'s fields that follow `source`'s fields of the same name."""
+    return {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if f.metadata.get("follows")}
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -173,6 +173,36 @@ def test_train_shuffles_by_epoch_and_draws_frames(clipset):
     assert len(set(all_frames)) > 1, "training must draw different frames"
 
 
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_set_epoch_start_batch_resumes_the_epoch_tail(clipset, backend):
+    """A loader started at batch k of an epoch yields exactly the tail of that epoch read in one go
+    (rows, audio, pictures), and reads no file of the batches it skips."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    manifest, _ = clipset
+    loader = make_loader(manifest, backend=backend, batch_size=2, train=True, data_config=CFG, seed=4,
+                         num_workers=0)  # DataLoader in this process: the patched reader below sees every read
+    loader.set_epoch(2)
+    full = list(loader)
+    assert len(full) == len(loader) == 3
+    read = []
+    original = loader.clips.frame_path
+    loader.clips.frame_path = lambda row, frame: read.append(row) or original(row, frame)
+    loader.set_epoch(2, start_batch=1)
+    tail = list(loader)
+    assert len(tail) == 2
+    for got, want in zip(tail, full[1:]):
+        for k in ("index", "audio", "image"):
+            assert torch.equal(got[k], want[k]), k
+    assert sorted(read) == sorted(torch.cat([b["index"] for b in full[1:]]).tolist())
+    loader.set_epoch(2, start_batch=3)
+    assert list(loader) == []
+    loader.set_epoch(3)
+    assert loader.start_batch == 0 and len(list(loader)) == 3
+    with pytest.raises(ValueError, match="start_batch"):
+        loader.set_epoch(2, start_batch=4)
+
+
 @pytest.mark.parametrize("n, world, batch, shuffle, drop_last", [
     (7, 2, 3, False, False), (7, 2, 2, True, True), (12, 3, 4, True, False), (5, 4, 1, False, False),
 ])

@@ -10,16 +10,19 @@ import signal
 import pytest
 import torch
 
-from crossmae_fast import pretrain
-from crossmae_fast.config import model_config
+from crossmae_fast import options, pretrain
+from crossmae_fast.config import RunConfig, TrainConfig, model_config, run_config
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.train import checkpoint as ckpt
-from crossmae_fast.train.step import TrainConfig, TrainStep, lr_at, param_groups
+from crossmae_fast.train import trainer
+from crossmae_fast.train.metrics import NonFiniteLoss
+from crossmae_fast.train.step import TrainStep, lr_at, param_groups
+from crossmae_fast.train.trainer import Trainer
 
 
 @pytest.fixture(autouse=True)
 def keep_threads():
-    """`pretrain.run` sets torch's thread count (the CLI owns its process); undo it for other tests."""
+    """`Trainer.fit` sets torch's thread count (the CLI owns its process); undo it for other tests."""
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
@@ -30,10 +33,14 @@ def synth(tiny_set):
     return tiny_set
 
 
-def tiny_cfg(synth, out, **kw) -> TrainConfig:
+def tiny_cfg(synth, out, **kw) -> RunConfig:
     base = dict(data=str(synth["train"]), out=str(out), batch_size=4, ops="reference", loader="torch", workers=0,
                 log_every=1, save_every=0, export_encoders=False, eval_pictures=0, threads=1)
-    return TrainConfig(**{**base, **kw})
+    return run_config({**base, **kw})
+
+
+def fit(cfg: RunConfig) -> dict:
+    return Trainer(cfg).fit()
 
 
 def metrics(out) -> list[dict]:
@@ -59,10 +66,11 @@ def test_bad_values_fail_before_work(argv, word, capsys):
 
 def test_config_file_then_cli_overrides(tmp_path, capsys):
     path = tmp_path / "run.yaml"
-    path.write_text("batch-size: 7\nsteps: 11\nwarmup: 2ep\nvariant: cl-crossemb-mae\n")
+    path.write_text("batch-size: 7\nsteps: 11\nwarmup: 2ep\nvariant: cl-crossemb-mae\nmask_ratio: 0.6\n")
     cfg = pretrain.parse_args(["--config", str(path), "--batch-size", "3"])
-    assert (cfg.batch_size, cfg.steps, cfg.warmup, cfg.variant) == (3, 11, "2ep", "cl-crossemb-mae")
-    assert pretrain.parse_args(["--config", str(path), "--epochs", "2"]).steps is None  # CLI epochs beat file steps
+    assert (cfg.train.batch_size, cfg.train.steps, cfg.train.warmup) == (3, 11, "2ep")
+    assert (cfg.model.variant, cfg.model.mask_ratio) == ("cl-crossemb-mae", 0.6)
+    assert pretrain.parse_args(["--config", str(path), "--epochs", "2"]).train.steps is None  # CLI epochs win
     (tmp_path / "bad.json").write_text(json.dumps({"batch_sise": 3}))
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--config", str(tmp_path / "bad.json")])
@@ -73,18 +81,23 @@ def test_help_documents_every_field(capsys):
     with pytest.raises(SystemExit):
         pretrain.parse_args(["--help"])
     text = capsys.readouterr().out
-    for name in TrainConfig.__dataclass_fields__:
+    for name in options.leaves(RunConfig):
         assert "--" + name.replace("_", "-") in text
+    for old in ("--loader", "--workers", "--steps", "--epochs", "--blr", "--lr", "--warmup", "--ops",
+                "--no-cuda-graph", "--compile", "--precision", "--init", "--save-every", "--keep", "--time-limit",
+                "--resume", "--out", "--data", "--eval-data", "--preset", "--variant", "--seed", "--log-every",
+                "--video", "--threads", "--device", "--no-export-encoders", "--mask-ratio", "--audio-mean"):
+        assert old + " " in text or old + "\n" in text, old
 
 
 def test_warmup_forms_and_schedule():
-    cfg = TrainConfig()
     assert TrainConfig(warmup="7").warmup_steps(100, 10) == 7
     assert TrainConfig(warmup="1.5ep").warmup_steps(100, 10) == 15
     assert TrainConfig(warmup="10%").warmup_steps(200, 10) == 20
-    assert cfg.base_lr(512) == pytest.approx(1.5e-3 * 2)  # the tiny preset's default blr
-    assert TrainConfig(preset="base").base_lr(512) == pytest.approx(1.5e-4 * 2)
-    assert TrainConfig(preset="base", blr=1e-4, lr=0.5).base_lr(512) == 0.5
+    assert run_config().train.base_lr(512) == pytest.approx(1.5e-3 * 2)  # the tiny preset's default blr
+    assert run_config(preset="base").train.base_lr(512) == pytest.approx(1.5e-4 * 2)
+    assert run_config(preset="tiny", blr=1e-4).train.base_lr(512) == pytest.approx(1e-4 * 2)  # options beat presets
+    assert TrainConfig(blr=1e-4, lr=0.5).base_lr(512) == 0.5
     lrs = [lr_at(s, 1.0, 0.1, 10, 110) for s in range(111)]
     assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -140,16 +153,16 @@ def stop_after(monkeypatch, calls: int, sig=signal.SIGTERM):
 def test_resume_is_exact(synth, tmp_path, monkeypatch):
     """2N steps straight == N steps, SIGTERM (checkpoint), N resumed steps: losses and weights.
     N = 5 with 4 batches per epoch, so the resume lands mid-epoch."""
-    straight = pretrain.run(tiny_cfg(synth, tmp_path / "a", steps=10, warmup="3"))
+    straight = fit(tiny_cfg(synth, tmp_path / "a", steps=10, warmup="3"))
     assert straight["steps"] == 10 and straight["stopped"] is None
 
     with monkeypatch.context() as m:
         stop_after(m, 5)
-        first = pretrain.run(tiny_cfg(synth, tmp_path / "b", steps=10, warmup="3"))
+        first = fit(tiny_cfg(synth, tmp_path / "b", steps=10, warmup="3"))
     assert first["stopped"] == "SIGTERM" and first["steps"] == 5
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b"))
     assert (state["step"], state["epoch"], state["batch"]) == (5, 1, 1)
-    second = pretrain.run(tiny_cfg(synth, tmp_path / "b", steps=10, warmup="3", resume="auto"))
+    second = fit(tiny_cfg(synth, tmp_path / "b", steps=10, warmup="3", resume="auto"))
     assert second["steps"] == 10
 
     ref, got = metrics(tmp_path / "a"), metrics(tmp_path / "b")
@@ -164,17 +177,17 @@ def test_resume_is_exact(synth, tmp_path, monkeypatch):
 
 
 def test_resume_other_config_names_fields(synth, tmp_path):
-    pretrain.run(tiny_cfg(synth, tmp_path, steps=1))
+    fit(tiny_cfg(synth, tmp_path, steps=1))
     with pytest.raises(ValueError, match="already holds a run"):  # a fresh start never overwrites a run
-        pretrain.run(tiny_cfg(synth, tmp_path, steps=1))
+        fit(tiny_cfg(synth, tmp_path, steps=1))
     with pytest.raises(ValueError, match="no such checkpoint"):
-        pretrain.run(tiny_cfg(synth, tmp_path, steps=1, resume=str(tmp_path / "nope.pt")))
+        fit(tiny_cfg(synth, tmp_path, steps=1, resume=str(tmp_path / "nope.pt")))
     with pytest.raises(ValueError, match=r"(?s)blr.*model\.mask_ratio|model\.mask_ratio.*blr") as e:
         cfg = tiny_cfg(synth, tmp_path, steps=1, resume="auto", blr=3e-4)
         state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
-        state["model_config"]["mask_ratio"] = 0.5
+        state["config"]["model"]["mask_ratio"] = 0.5
         torch.save(state, tmp_path / ckpt.checkpoint_name(1))
-        pretrain.run(cfg)
+        fit(cfg)
     assert "batch_size" not in str(e.value)
     assert pretrain.main(["--data", str(synth["train"]), "--out", str(tmp_path), "--resume", "auto",
                           "--ops", "reference", "--loader", "torch", "--workers", "0"]) == 2
@@ -192,10 +205,10 @@ def test_nan_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):
                 out["cross_embedding"] = out["cross_embedding"] * float("nan")
             return out
 
-    monkeypatch.setattr(pretrain, "CrossMAE", Exploding)
+    monkeypatch.setattr(trainer, "CrossMAE", Exploding)
     cfg = tiny_cfg(synth, tmp_path, steps=8, log_every=4, save_every=2)
-    with pytest.raises(pretrain.NonFiniteLoss, match=r"steps 3-4.*cross_embedding=nan.*checkpoint-00000002"):
-        pretrain.run(cfg)
+    with pytest.raises(NonFiniteLoss, match=r"steps 3-4.*cross_embedding=nan.*checkpoint-00000002"):
+        fit(cfg)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(2)]
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     assert all(torch.isfinite(v).all() for v in state["model"].values())
@@ -206,7 +219,7 @@ def test_sigint_saves_keeps_k_and_exports(synth, tmp_path, monkeypatch):
     handler = signal.getsignal(signal.SIGINT)
     stop_after(monkeypatch, 3, signal.SIGINT)
     cfg = tiny_cfg(synth, tmp_path, steps=6, save_every=1, keep=2, export_encoders=True)
-    summary = pretrain.run(cfg)
+    summary = fit(cfg)
     assert summary["stopped"] == "SIGINT" and summary["steps"] == 3
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [ckpt.checkpoint_name(2), ckpt.checkpoint_name(3)]
     assert (tmp_path / "latest").read_text().strip() == ckpt.checkpoint_name(3)
@@ -214,7 +227,7 @@ def test_sigint_saves_keeps_k_and_exports(synth, tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGINT) is handler
 
     monkeypatch.undo()
-    summary = pretrain.run(tiny_cfg(synth, tmp_path, steps=6, keep=2, export_encoders=True, resume="auto"))
+    summary = fit(tiny_cfg(synth, tmp_path, steps=6, keep=2, export_encoders=True, resume="auto"))
     assert summary["steps"] == 6
     import timm
 
@@ -238,28 +251,3 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     with pytest.raises(OSError):
         ckpt.atomic_write(path, broken)
     assert path.read_bytes() == b"good" and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
-
-
-def test_epoch_iterator_starts_mid_epoch_without_decoding_skipped(synth):
-    from crossmae_fast.config import data_config
-    from crossmae_fast.data import make_loader
-
-    loader = make_loader(synth["train"], backend="torch", batch_size=4, train=True, num_workers=0, seed=1,
-                         data_config=data_config(model_config("tiny")))
-    loader.set_epoch(2)
-    full = [b["index"].tolist() for b in pretrain.epoch_iterator(loader)]
-    decoded = []
-    original = loader.clips.frame_path
-    loader.clips.frame_path = lambda row, frame: decoded.append(row) or original(row, frame)
-    tail = [b["index"].tolist() for b in pretrain.epoch_iterator(loader, 3)]
-    assert len(full) == 4 and tail == full[3:]
-    assert sorted(decoded) == sorted(full[3])
-    assert "batches" not in vars(loader)
-
-
-def test_trim_metrics_drops_later_and_torn_lines(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (2, 4, 6)] + [json.dumps({"step": 4, "eval": {}})]
-    path.write_text("\n".join(lines) + '\n{"step": 8, "lo')
-    pretrain.trim_metrics(path, 4)
-    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [2, 4, 4]

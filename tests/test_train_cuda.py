@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-from crossmae_fast.config import model_config
+from crossmae_fast.config import TrainConfig, model_config, run_config
 from crossmae_fast.model.crossmae import CrossMAE
-from crossmae_fast.train.step import TrainConfig, TrainStep, make_optimizer
+from crossmae_fast.train.step import TrainStep, make_optimizer
+from crossmae_fast.train.trainer import Trainer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -86,15 +87,15 @@ def test_internal_noise_varies_between_replays():
 
 
 def test_cli_runs_with_cuda_graph(tmp_path):
-    from crossmae_fast import pretrain
     from crossmae_fast.data.synthetic import make_synthetic_set
 
     data = make_synthetic_set(tmp_path / "synth", clips=40, seed=2, seconds=2.7, image_size=64)
-    cfg = TrainConfig(data=str(data["train"]), eval_data=str(data["eval"]), out=str(tmp_path / "run"), steps=12,
-                      batch_size=8, log_every=4, save_every=6, eval_pictures=0)
-    summary = pretrain.run(cfg)
+    cfg = run_config(data=str(data["train"]), eval_data=str(data["eval"]), out=str(tmp_path / "run"), steps=12,
+                     batch_size=8, log_every=4, save_every=6, eval_pictures=0)
+    summary = Trainer(cfg).fit()
     assert summary["step_mode"] == "cuda-graph" and summary["steps"] == 12
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if "loss" in r)
-    resumed = pretrain.run(TrainConfig(**{**cfg.to_dict(), "steps": 12, "resume": "auto"}))
+    cfg.train.resume = "auto"
+    resumed = Trainer(cfg).fit()
     assert resumed["steps"] == 12

@@ -24,9 +24,9 @@ __all__ = ["BACKENDS", "make_loader"]
 
 
 def make_loader(
-    manifest: str | Path, *, backend: str = "dali", batch_size: int, train: bool, data_config: DataConfig,
-    device="cpu", rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0,
-    drop_last: bool | None = None, video: bool = False,
+    manifest: str | Path, *, backend: str | None = None, batch_size: int, train: bool, data_config: DataConfig,
+    device="cpu", rank: int = 0, world_size: int = 1, num_workers: int | None = None, seed: int = 0,
+    drop_last: bool | None = None, video: bool | None = None,
 ) -> ClipLoader:
     """Loader over `manifest` for this rank: iterable of batches, with `len()`, `set_epoch()`, `stats`.
 
@@ -35,11 +35,15 @@ def make_loader(
     `num_workers` is the DataLoader's worker count or DALI's thread count. `backend="dali"` falls
     back to the torch loader, with one warning, when DALI cannot be imported. `video=True` decodes
     the chosen frame from a row's `"video"` file (same frame rule as the JPEGs; rows without one use
-    their JPEG frames).
+    their JPEG frames). `backend`, `num_workers` and `video` default to `data_config`'s `loader`,
+    `workers` and `video`.
     """
     from crossmae_fast.data.torch_loader import TorchLoader
 
     global _warned
+    backend = data_config.loader if backend is None else backend
+    num_workers = data_config.workers if num_workers is None else num_workers
+    video = data_config.video if video is None else video
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
     cls = TorchLoader

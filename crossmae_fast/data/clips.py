@@ -100,7 +100,8 @@ def epoch_batches(
 
 
 class ClipLoader:
-    """Common surface of both loaders: `len()` (batches per epoch), `set_epoch`, `stats`."""
+    """Common surface of both loaders: `len()` (batches per epoch), `set_epoch`, `stats`. Iterating
+    yields the batches of `plan()`: the current epoch's, from its `start_batch` on."""
 
     def __init__(
         self, manifest: str | Path, *, batch_size: int, train: bool, data_config: DataConfig, device,
@@ -114,15 +115,23 @@ class ClipLoader:
         self.device, self.rank, self.world_size = device, rank, world_size
         self.num_workers, self.seed, self.video = num_workers, seed, video
         self.drop_last = train if drop_last is None else drop_last
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
         self.stats = LoaderStats()
         self.batches()  # validates rank / world_size now
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reshuffle (training) and redraw frames for `epoch`."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Reshuffle (training) and redraw frames for `epoch`; iteration then starts at batch
+        `start_batch` of it (mid-epoch resume), the batches before it neither read nor decoded."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch={start_batch} must lie in [0, {len(self)}] (batches per epoch)")
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def plan(self) -> list[np.ndarray]:
+        """Row indices of the batches the next iteration yields."""
+        return self.batches()[self.start_batch:]
 
     def batches(self) -> list[np.ndarray]:
+        """Row indices of every batch of the current epoch on this rank."""
         return epoch_batches(
             len(self.clips), batch_size=self.batch_size, shuffle=self.train, seed=self.seed,
             epoch=self.epoch, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last,

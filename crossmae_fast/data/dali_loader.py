@@ -241,7 +241,7 @@ class DaliLoader(ClipLoader):
         return out
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        self._feed = feed = _Feed(self, self.batches())
+        self._feed = feed = _Feed(self, self.plan())
         # The source must not hold the loader: a loader <-> pipeline cycle leaves the pipeline to the
         # cyclic GC, which may finalise it in a forked DataLoader worker, where its threads are gone.
         loader = weakref.ref(self)

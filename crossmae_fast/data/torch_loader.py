@@ -82,7 +82,7 @@ class TorchLoader(ClipLoader):
         dataset = ClipDataset(self.clips, self.train, self.seed, self.epoch, self.stats.bad, self.video)
         device = torch.device(self.device)
         loader = DataLoader(
-            dataset, batch_sampler=[b.tolist() for b in self.batches()], num_workers=self.num_workers,
+            dataset, batch_sampler=[b.tolist() for b in self.plan()], num_workers=self.num_workers,
             collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
         )
         for batch in loader:

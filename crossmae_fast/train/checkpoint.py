@@ -1,23 +1,25 @@
-"""Training checkpoints: atomic writes, the newest K kept, a `latest` pointer, exact resume.
+"""Training checkpoints: atomic writes, the newest K kept, a `latest` pointer, finding the one to
+resume, and the rules for what a resumed run may change (`RESUME_FREE`, `RESUME_LENGTH`: the only
+place they live).
 
 A checkpoint is a dict of tensors and plain values only (loadable with `weights_only=True`):
 `model`, `optimizer`, `step`, `epoch` and `batch` (data position: batches of `epoch` already used),
 `rng` (one entry per rank: torch CPU / CUDA, numpy and Python states as tensors), `world_size`,
-`train_config` and `model_config` (plain dicts), `metrics` (the last logged values).
+`config` (the whole `RunConfig` as a nested dict), `metrics` (the last logged values). Checkpoints of
+earlier versions (`model_config` and `train_config` instead of `config`) load for evaluation only.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import random
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from crossmae_fast.config import ModelConfig
+from crossmae_fast.config import ModelConfig, RunConfig
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.model.weights import encoder_state_dict
 
@@ -25,8 +27,20 @@ log = logging.getLogger("crossmae_fast.checkpoint")
 
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
 LATEST = "latest"
-MODEL_FREE = frozenset({"ops"})
-"""ModelConfig fields a resumed run may change (implementation only)."""
+EVERY = frozenset({"*"})
+RESUME_FREE: dict[str, frozenset[str]] = {
+    "model": frozenset({"ops"}),
+    "data": frozenset({"loader", "workers", "video"}),
+    "train": frozenset({"out", "resume", "init", "save_every", "keep", "log_every", "time_limit", "device",
+                        "cuda_graph", "compile", "threads", "export_encoders"}),
+    "eval": EVERY,
+}
+"""Fields, by config section, a resumed run may change: how the run executes, where it writes and
+what it does after training, not which updates it makes (the loaders agree row for row and frame for
+frame; `ops` and `device` change rounding only). Every other field, including ones added later,
+must match the checkpoint's, and so must the world size."""
+RESUME_LENGTH: dict[str, frozenset[str]] = {"train": frozenset({"epochs", "steps"})}
+"""Fields a resumed run may change with a warning: the cosine schedule is recomputed for the new length."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -53,31 +67,6 @@ def atomic_write(path: Path, write) -> None:
             os.close(fd)
     except OSError:
         pass
-
-
-def rng_state() -> dict:
-    """This process's RNG states as tensors and numbers (weights_only-safe)."""
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss_next": py_gauss},
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss_next"]))
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict:
@@ -133,34 +122,82 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    required = {"model", "optimizer", "step", "epoch", "batch", "rng", "model_config", "train_config"}
-    missing = required - set(state if isinstance(state, dict) else ())
+    keys = set(state if isinstance(state, dict) else ())
+    missing = {"model", "optimizer", "step", "epoch", "batch", "rng"} - keys
+    if not keys & {"config", "model_config"}:
+        missing.add("config")
     if missing:
         raise ValueError(f"{path}: not a crossmae_fast training checkpoint (missing {', '.join(sorted(missing))})")
     return state
 
 
-def config_differences(saved: dict, current: dict, free: frozenset[str] = frozenset()) -> list[str]:
-    """'field: saved -> current' for every field that differs, ignoring `free` ones."""
-    keys = sorted((set(saved) | set(current)) - free)
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+def saved_config(state: Mapping) -> RunConfig:
+    """The `RunConfig` a checkpoint was written with (ValueError for an earlier version's)."""
+    if "config" not in state:
+        raise ValueError("written by an earlier version (no 'config'): it can be evaluated, not resumed")
+    return RunConfig.from_dict(state["config"])
 
 
-def check_compatible(state: dict, train_cfg: dict, model_cfg: dict, world_size: int, path, train_free) -> None:
-    """Raise ValueError naming each field where the checkpoint's run differs from this one."""
-    diffs = [f"model.{d}" for d in config_differences(state["model_config"], model_cfg, MODEL_FREE)]
-    diffs += config_differences(state["train_config"], train_cfg, train_free)
+def resume_differences(saved: RunConfig, current: RunConfig) -> tuple[list[str], list[str]]:
+    """('section.field: saved -> current' for fields that must match but differ, the same for
+    run-length fields that differ)."""
+    fixed, length = [], []
+    a, b = saved.to_dict(), current.to_dict()
+    for section in a:
+        for name in sorted(set(a[section]) | set(b[section])):
+            old, new = a[section].get(name), b[section].get(name)
+            free = RESUME_FREE.get(section, frozenset())
+            if old == new or free is EVERY or name in free:
+                continue
+            bucket = length if name in RESUME_LENGTH.get(section, ()) else fixed
+            bucket.append(f"{section}.{name}: {old!r} -> {new!r}")
+    return fixed, length
+
+
+def check_resume(state: Mapping, cfg: RunConfig, world_size: int, path) -> list[str]:
+    """Raise ValueError naming each field where the checkpoint's run differs from `cfg` in a way a
+    resume may not; return the run-length changes (the caller warns about them)."""
+    try:
+        fixed, length = resume_differences(saved_config(state), cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint {path}: {e}") from None
     if state.get("world_size", 1) != world_size:
-        diffs.append(f"world_size: {state.get('world_size', 1)} -> {world_size}")
-    if diffs:
+        fixed.append(f"world_size: {state.get('world_size', 1)} -> {world_size}")
+    if fixed:
         raise ValueError(f"checkpoint {path} comes from a different configuration; resuming it would not "
-                         "continue that run. Differing fields:\n  " + "\n  ".join(diffs))
+                         "continue that run. Differing fields:\n  " + "\n  ".join(fixed))
+    return length
+
+
+def resolve_resume(out: str | Path, resume: str | None) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume or None, error): `resume="auto"` takes the latest in `out`, a folder its
+    latest, a file itself; a fresh start (`resume=None`) refuses an `out` that already holds checkpoints."""
+    out = Path(out)
+    if resume is None:
+        found = latest_checkpoint(out)
+        if found:
+            return None, (f"--out {out} already holds a run ({found.name}); continue it with --resume auto or "
+                          "choose another --out")
+        return None, None
+    target = out if resume == "auto" else Path(resume)
+    if target.is_dir():
+        found = latest_checkpoint(target)
+        if found is None and resume != "auto":
+            return None, f"--resume {target}: no checkpoint in that folder"
+        if found is None:
+            log.info("resume auto: no checkpoint in %s, starting fresh", out)
+        return found, None
+    if resume == "auto":
+        return None, None
+    if not target.is_file():
+        return None, f"--resume {target}: no such checkpoint"
+    return target, None
 
 
 def model_from_checkpoint(path: str | Path, device="cpu", ops: str | None = None) -> CrossMAE:
     """The `CrossMAE` a checkpoint describes, with its weights, in eval mode (for evaluation)."""
     state = load_checkpoint(path)
-    cfg = dict(state["model_config"])
+    cfg = dict(state["config"]["model"] if "config" in state else state["model_config"])
     if ops is not None:
         cfg["ops"] = ops
     model = CrossMAE(ModelConfig(**cfg))

@@ -68,6 +68,15 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """`obj` of every rank, in rank order (`[obj]` outside DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_true(flag: bool, device: torch.device) -> bool:
     """Whether `flag` holds on every rank (one tiny all-reduce; used for stop decisions)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,0 +1,96 @@
+"""Training metrics: the train step accumulates its loss terms on the device; every `--log-every`
+steps `MetricsLog.flush` reads them (one host sync), stops the run on NaN/Inf, appends a record to
+`metrics.jsonl` and logs a progress line (loss terms, lr, samples/s, steps/s, ETA). A resumed run
+first drops the records its checkpoint does not cover (`trim_metrics`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from crossmae_fast.train.checkpoint import atomic_write, latest_checkpoint
+
+log = logging.getLogger("crossmae_fast.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or Inf; the run stops without saving."""
+
+
+def format_eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop records past `step` (left by a run that died after its last checkpoint) before resuming."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    keep = [ln for ln in lines if _record_step(ln) <= step]
+    if len(keep) != len(lines):
+        atomic_write(path, lambda f: f.write("".join(ln + "\n" for ln in keep).encode()))
+
+
+def _record_step(line: str) -> float:
+    """A metrics line's step; infinity for a torn or foreign line (a crash mid-write), so it is dropped."""
+    try:
+        return float(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+class MetricsLog:
+    """Flushes a `TrainStep`'s accumulated losses into records; only the main process writes.
+
+    `step` is the run's step count when the log starts (a resume), `seconds` the training time the
+    run had spent before; the records' `time_s` carries on from it."""
+
+    def __init__(self, out: Path, *, total: int, per_epoch: int, global_batch: int, main: bool,
+                 step: int = 0, seconds: float = 0.0):
+        self.path, self.out = Path(out) / "metrics.jsonl", Path(out)
+        self.total, self.per_epoch, self.global_batch, self.main = total, per_epoch, global_batch, main
+        self.logged_step, self.logged_at = step, time.perf_counter()
+        self.started, self.seconds_before = self.logged_at, seconds
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            trim_metrics(self.path, step)
+
+    def flush(self, train_step, step: int, lr: float) -> dict | None:
+        """Read the losses accumulated since the last flush; the record written, or None if no step ran."""
+        if train_step.count == 0:
+            return None
+        values = train_step.read()
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteLoss(
+                f"non-finite loss at steps {self.logged_step + 1}-{step}: "
+                + ", ".join(f"{k}={v}" for k, v in bad.items())
+                + f". Stopped without saving; last good checkpoint: {latest_checkpoint(self.out) or 'none'}. "
+                  "Lower --lr/--blr, lengthen --warmup or use --precision fp32, then --resume auto.")
+        now = time.perf_counter()
+        rate = (step - self.logged_step) / max(now - self.logged_at, 1e-9)
+        record = {"step": step, "epoch": round(step / self.per_epoch, 3), "lr": lr,
+                  **{k: round(v, 6) for k, v in values.items()},
+                  "samples_per_s": round(rate * self.global_batch, 2), "steps_per_s": round(rate, 4),
+                  "time_s": round(now - self.started + self.seconds_before, 2)}
+        if self.main:
+            self.append(record)
+            terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+            log.info("step %d/%d ep %.2f | %s | lr %.3g | %.1f samples/s %.2f steps/s | ETA %s", step,
+                     self.total, step / self.per_epoch, terms, lr, record["samples_per_s"], rate,
+                     format_eta((self.total - step) / rate))
+        self.logged_step, self.logged_at = step, now
+        return record
+
+    def elapsed(self) -> float:
+        """Seconds since this log started (this process's share of the run)."""
+        return time.perf_counter() - self.started
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")

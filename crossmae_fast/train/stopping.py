@@ -1,0 +1,56 @@
+"""When a run stops early: SIGINT / SIGTERM, a time limit, and, under DDP, the ranks agreeing to stop
+at the same step (a checkpoint needs every rank at the same place)."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+
+from crossmae_fast.train import distributed
+
+
+class Stopper:
+    """A context that catches SIGINT / SIGTERM (a second Ctrl-C raises KeyboardInterrupt at once) and
+    answers, between steps, whether the run stops now and why."""
+
+    def __init__(self, time_limit_min: float | None = None, world_size: int = 1,
+                 device: torch.device | str = "cpu"):
+        self.deadline = time.perf_counter() + time_limit_min * 60 if time_limit_min else None
+        self.world_size, self.device = world_size, torch.device(device)
+        self.signal: str | None = None
+        self._old: dict = {}
+
+    def __enter__(self) -> Stopper:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signal = signal.Signals(signum).name
+
+    def local_reason(self) -> str | None:
+        """Why this process wants to stop (a signal, the time limit), or None."""
+        if self.signal:
+            return self.signal
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            return "time limit"
+        return None
+
+    def check(self, at_log: bool) -> str | None:
+        """The reason to stop after this step, or None. Under DDP the ranks decide together, at log
+        steps only (one tiny all-reduce each): all stop there if any rank wants to."""
+        reason = self.local_reason()
+        if self.world_size == 1:
+            return reason
+        if not at_log or not distributed.any_true(reason is not None, self.device):
+            return None
+        return reason or "stop on another rank"
