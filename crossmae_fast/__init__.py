@@ -2,12 +2,12 @@
 
 from typing import TYPE_CHECKING
 
-from crossmae_fast.config import DataConfig, ModelConfig, data_config, model_config
+from crossmae_fast.config import DataConfig, ModelConfig, RunConfig, data_config, model_config, run_config
 
 if TYPE_CHECKING:
     from crossmae_fast.model.crossmae import CrossMAE
 
-__all__ = ["CrossMAE", "DataConfig", "ModelConfig", "data_config", "model_config"]
+__all__ = ["CrossMAE", "DataConfig", "ModelConfig", "RunConfig", "data_config", "model_config", "run_config"]
 __version__ = "0.1.0"
 
 
