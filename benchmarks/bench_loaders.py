@@ -25,6 +25,8 @@ RESULTS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
+    for module in ("av", "soundfile"):  # absent from the bare GPU image
+        pytest.importorskip(module, reason="the synthetic set is written, and read back, with PyAV and soundfile")
     out = tmp_path_factory.mktemp("synth")
     paths = make_synthetic_set(out, clips=CLIPS, seed=0, seconds=10.0, image_size=224, eval_fraction=0.0)
     return paths["train"]

@@ -1,8 +1,10 @@
-"""Suite-wide setup: without a GPU the Triton kernels run in the interpreter on CPU tensors; every
-test's global RNGs are seeded from its name; one synthetic set per session for the tests that train.
+"""Suite-wide setup: without a GPU the Triton kernels run in the interpreter on CPU tensors, and
+tests marked `gpu` are skipped; every test's global RNGs are seeded from its name; one synthetic set
+per session for the tests that train.
 
-TRITON_INTERPRET is read when kernels are decorated, so it is set here, before any test module
-imports triton. An explicit TRITON_INTERPRET in the environment wins.
+Only this file decides interpreter mode: TRITON_INTERPRET is read when kernels are decorated, so it
+is set here, before any test module imports triton (a test module that set it would route CPU
+tensors to compiled kernels on a GPU host). An explicit TRITON_INTERPRET in the environment wins.
 """
 
 import os
@@ -12,9 +14,20 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from optional import MEDIA, skip_unless
 
-if not torch.cuda.is_available():
+CUDA = torch.cuda.is_available()
+if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="marked gpu: needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +47,7 @@ def synthetic_set(tmp_path_factory):
     (`cached_synthetic_set` in a session folder), shared by every test that asks for the same one."""
     from crossmae_fast.data.synthetic import cached_synthetic_set
 
+    skip_unless(*MEDIA)  # the set is written with soundfile (and PyAV for videos)
     root = tmp_path_factory.mktemp("synthetic")
     return lambda clips, seed, **kw: cached_synthetic_set(clips, seed, root=root, **kw)
 

@@ -1,4 +1,5 @@
-"""Small real media files for tests, written with PyAV and numpy.
+"""Small real media files for tests, written with PyAV and numpy. Importing this module skips the
+importing test module where PyAV or soundfile is missing (the bare GPU image).
 
 Video frame `k` of a clip made here is a flat grey of level `frame_level(k, total)`, so a test can
 tell which source frame an extracted JPEG came from. Audio is a sine (`tone_hz`), identical on all
@@ -12,11 +13,14 @@ import os
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
+import pytest
 from PIL import Image
 
 from crossmae_fast.data.media import save_jpeg, write_audio
+
+av = pytest.importorskip("av", reason="media test files are written and read with PyAV")
+soundfile = pytest.importorskip("soundfile", reason="media test files are written with soundfile")
 
 
 def frame_level(k: int, total: int) -> int:

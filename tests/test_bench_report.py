@@ -154,6 +154,7 @@ def test_result_stem_names_card_date_and_versions():
     assert len(date) == len("20261125-1000") and torch_v.startswith("torch") and triton_v.startswith("triton")
 
 
+@pytest.mark.slow
 def test_bench_files_are_collected_once():
     out = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/", "--collect-only", "-q", "-p",
                           "no:cacheprovider", "--ignore=benchmarks/bench_loaders.py"],

@@ -1,5 +1,5 @@
-"""DDP on the CPU (gloo, 2 processes): one step on two halves equals one step on the whole batch, and
-`torchrun -m crossmae_fast.pretrain` runs end to end."""
+"""DDP on the CPU (gloo, 2 processes, on any host, GPUs or not): one step on two halves equals one step
+on the whole batch, and `torchrun -m crossmae_fast.pretrain --device cpu` runs end to end."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from crossmae_fast.train.step import TrainStep
 
 ROOT = Path(__file__).resolve().parents[1]
 B = 3  # per rank; odd on purpose
+pytestmark = pytest.mark.slow
 
 
 def free_port() -> int:
@@ -92,7 +93,7 @@ def test_torchrun_cli(tmp_path, tiny_set):
            str(free_port()), "-m", "crossmae_fast.pretrain", "--data", str(data["train"]), "--eval-data",
            str(data["eval"]), "--out", str(out), "--steps", "3", "--batch-size", "2", "--ops", "reference",
            "--workers", "1", "--log-every", "1", "--save-every", "2", "--eval-pictures", "0",
-           "--threads", "1"]
+           "--threads", "1", "--device", "cpu"]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

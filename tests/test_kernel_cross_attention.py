@@ -1,30 +1,26 @@
 """Fused cross-attention vs SDPA on explicitly gathered K/V: forward, every gradient, op registration.
 
-On the CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16 only); CUDA-only tests add bf16,
-large shapes and CUDA-graph capture.
+The small-shape tests run on the GPU where there is one, else on the CPU under TRITON_INTERPRET=1
+(set by conftest.py; fp32/fp16 only); CUDA-only tests add bf16, large shapes and CUDA-graph capture.
 """
 
-import os
+import importlib
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
+import torch.nn.functional as F
+from kernel_marks import DEVICE, needs_cuda, needs_triton
 
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from kernels import cross_attention  # noqa: E402
-from kernels.reference import cross_attention_reference  # noqa: E402
+from kernels import cross_attention
+from kernels.reference import cross_attention_reference
 
 ca = importlib.import_module("kernels.cross_attention")
-CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+pytestmark = pytest.mark.core
 # max |error| / max |reference|, kernel in `dtype` vs the reference in fp32 on the same (rounded) inputs
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
 
 
-def _inputs(B, H, Lq, Lk, D, S, dtype, device="cpu"):
+def _inputs(B, H, Lq, Lk, D, S, dtype, device=DEVICE):
     seed = torch.seed()
     q, k, v = (torch.randn(B, H, n, D, dtype=dtype, device=device) for n in (Lq, Lk, Lk))
     idx = None if S is None else torch.stack([torch.randperm(Lk)[:S] for _ in range(B)]).to(device)
@@ -42,7 +38,7 @@ def _run(fn, q, k, v, idx, do, **kw):
     return (out, *torch.autograd.grad(out, (q, k, v), do.to(out.dtype)))
 
 
-def _compare(B, H, Lq, Lk, D, S, dtype, device="cpu", tol=None):
+def _compare(B, H, Lq, Lk, D, S, dtype, device=DEVICE, tol=None):
     seed, q, k, v, idx = _inputs(B, H, Lq, Lk, D, S, dtype, device)
     do = torch.randn(B, H, Lq, D, device=device)
     got = _run(cross_attention, q, k, v, idx, do)
@@ -59,6 +55,7 @@ def _compare(B, H, Lq, Lk, D, S, dtype, device="cpu", tol=None):
     return got, want
 
 
+@needs_triton
 @pytest.mark.parametrize("B,H,Lq,Lk,D,dtype", [
     (1, 1, 1, 1, 32, torch.float32),
     (2, 1, 7, 13, 64, torch.float32),
@@ -74,6 +71,7 @@ def test_dense_matches_sdpa(B, H, Lq, Lk, D, dtype):
     _compare(B, H, Lq, Lk, D, None, dtype)
 
 
+@needs_triton
 @pytest.mark.parametrize("B,H,Lq,Lk,S,D,dtype", [
     (1, 1, 1, 1, 1, 32, torch.float32),
     (2, 2, 7, 13, 5, 64, torch.float32),
@@ -88,20 +86,22 @@ def test_indexed_matches_sdpa_on_gathered(B, H, Lq, Lk, S, D, dtype):
     _compare(B, H, Lq, Lk, D, S, dtype)
 
 
+@needs_triton
 def test_strided_inputs_and_scale():
     """[B, L, H, D] views (SDPA layout by transpose), a non-unit last stride, a custom scale, int32 index."""
     B, H, Lq, Lk, S, D = 2, 3, 19, 40, 9, 32
-    q = torch.randn(B, Lq, H, D).transpose(1, 2)
-    k = torch.randn(B, Lk, H, 2 * D).transpose(1, 2)[..., ::2]
-    v = torch.randn(B, Lk, H, D).transpose(1, 2)
-    idx = torch.stack([torch.randperm(Lk)[:S] for _ in range(B)]).int()
-    do = torch.randn(B, H, Lq, D)
+    q = torch.randn(B, Lq, H, D, device=DEVICE).transpose(1, 2)
+    k = torch.randn(B, Lk, H, 2 * D, device=DEVICE).transpose(1, 2)[..., ::2]
+    v = torch.randn(B, Lk, H, D, device=DEVICE).transpose(1, 2)
+    idx = torch.stack([torch.randperm(Lk)[:S] for _ in range(B)]).int().to(DEVICE)
+    do = torch.randn(B, H, Lq, D, device=DEVICE)
     got = _run(cross_attention, q, k, v, idx, do, scale=0.3)
     want = _run(cross_attention_reference, q, k, v, idx, do, scale=0.3)
     for a, b in zip(got, want):
         assert _rel(a, b) <= TOL[torch.float32]
 
 
+@needs_triton
 @pytest.mark.parametrize("S", [None, 6])
 def test_lse_and_its_gradient(S):
     """The op's second output is logsumexp(q k^T * scale); its gradient flows too."""
@@ -126,7 +126,7 @@ def test_math_fallback_matches_reference(monkeypatch, S):
     """CPU without the interpreter: `cross_attention` is the reference itself; the registered op (which
     also returns the lse) takes its math path, with the reference's semantics."""
     monkeypatch.setattr(ca, "use_triton", lambda *t: False)
-    _, q, k, v, idx = _inputs(2, 2, 11, 17, 16, S, torch.float32)
+    _, q, k, v, idx = _inputs(2, 2, 11, 17, 16, S, torch.float32, "cpu")
     do = torch.randn(2, 2, 11, 16)
     want = _run(cross_attention_reference, q, k, v, idx, do)
     for a, b in zip(_run(cross_attention, q, k, v, idx, do), want):
@@ -136,14 +136,16 @@ def test_math_fallback_matches_reference(monkeypatch, S):
         assert _rel(a, b) <= TOL[torch.float32]
 
 
+@needs_triton
 def test_autograd_function_matches_op():
     _, q, k, v, idx = _inputs(1, 2, 13, 20, 32, 6, torch.float32)
-    do = torch.randn(1, 2, 13, 32)
+    do = torch.randn(1, 2, 13, 32, device=DEVICE)
     fn = lambda q, k, v, idx: ca.CrossAttentionFunction.apply(q, k, v, idx, 32**-0.5)  # noqa: E731
     for a, b in zip(_run(fn, q, k, v, idx, do), _run(cross_attention, q, k, v, idx, do)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@needs_triton
 @pytest.mark.parametrize("S", [None, 5])
 def test_opcheck(S):
     _, q, k, v, idx = _inputs(1, 2, 7, 13, 32, S, torch.float32)
@@ -151,6 +153,7 @@ def test_opcheck(S):
     torch.library.opcheck(torch.ops.crossmae.cross_attention.default, (q, k, v, idx, 0.25))
 
 
+@needs_triton
 def test_torch_compile_fullgraph():
     _, q, k, v, idx = _inputs(2, 2, 9, 15, 32, 6, torch.float32)
 

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import kernels
 from kernels.mae_patch import patched_methods
 
+pytestmark = pytest.mark.core
 FUSED = {"crossmae::masking_gather", "crossmae::restore_tokens"}
 FUSED_BACKWARD = {"crossmae::masking_gather_backward", "crossmae::restore_tokens_backward"}
 CASES = {  # how the position embeddings are held -> (batch, image size: odd patch grids)

@@ -11,7 +11,7 @@ import kernels.utils
 from kernels import random_masking
 from kernels.reference import random_masking_reference
 
-pytestmark = needs_triton
+pytestmark = [needs_triton, pytest.mark.core]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 CASES = [  # B, L, D, mask_ratio, pos_embed batch (0: none)
     (1, 1, 24, 0.0, 1),

@@ -11,7 +11,7 @@ import kernels.utils
 from kernels import restore_tokens
 from kernels.reference import restore_tokens_reference
 
-pytestmark = needs_triton
+pytestmark = [needs_triton, pytest.mark.core]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 CASES = [  # B, L, K (visible), D, pos_embed batch (0: none)
     (1, 1, 1, 24, 1),

@@ -10,7 +10,7 @@ from kernels import cls_attention_topk
 from kernels.cls_topk import ClsAttentionProbs
 from kernels.reference import cls_attention_topk_reference
 
-pytestmark = needs_triton
+pytestmark = [needs_triton, pytest.mark.core]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-5}  # fp16 inputs, fp32 math in both
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3}  # dq/dk are rounded to the input dtype
 CASES = [  # B, H, N (non-CLS keys), D

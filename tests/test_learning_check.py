@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+from optional import needs_media
+
 from crossmae_fast import learning_check as lc
 
 
@@ -28,6 +31,8 @@ def test_verdict_and_table():
     assert "0.3750" in table and "pt cl-av" in table
 
 
+@pytest.mark.slow
+@needs_media
 def test_end_to_end(tmp_path):
     out, report = tmp_path / "lc", tmp_path / "rep" / "learning_check"
     rc = lc.main(["--out", str(out), "--variants", "cl-av", "--steps", "2", "--batch-size", "4", "--clips", "12",

@@ -13,6 +13,7 @@ from crossmae_fast.config import VARIANTS
 from crossmae_fast.model.losses import contrastive_loss
 from crossmae_fast.model.weights import encoder_state_dict, load_mae_checkpoint
 
+pytestmark = pytest.mark.core
 ALL_TERMS = {"contrastive", "self_recon", "cross_conditioned", "cross_embedding"}
 
 
@@ -28,7 +29,8 @@ def tiny(variant: str = "crossmae", **kw) -> CrossMAE:
     return CrossMAE(model_config("tiny", variant, ops="reference", **kw))
 
 
-@pytest.mark.parametrize("preset", ["tiny", "base", "large"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("base", marks=pytest.mark.slow),
+                                    pytest.param("large", marks=pytest.mark.slow)])
 def test_output_shapes_at_real_input_size(preset):
     """`tiny` runs for real; `base` and `large` run on the meta device (shapes only, no compute)."""
     cfg = model_config(preset, ops="reference")

@@ -8,6 +8,8 @@ from kernel_marks import needs_triton
 
 from crossmae_fast import CrossMAE, model_config
 
+pytestmark = pytest.mark.core
+
 
 @needs_triton
 @pytest.mark.parametrize("variant", ["crossmae", "cl-self-mae"])

@@ -5,8 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import soundfile
-from media_fixtures import frame_level, make_mixed_folder, make_video
+from media_fixtures import frame_level, make_mixed_folder, make_video, soundfile
 from PIL import Image
 
 from crossmae_fast.config import SAMPLE_RATE

@@ -35,7 +35,8 @@ def synth(tiny_set):
 
 def tiny_cfg(synth, out, **kw) -> RunConfig:
     base = dict(data=str(synth["train"]), out=str(out), batch_size=4, ops="reference", loader="torch", workers=0,
-                log_every=1, save_every=0, export_encoders=False, eval_pictures=0, threads=1)
+                log_every=1, save_every=0, export_encoders=False, eval_pictures=0, threads=1,
+                device="cpu")  # the tolerances here are the CPU's fp32 ones
     return run_config({**base, **kw})
 
 
@@ -190,7 +191,7 @@ def test_resume_other_config_names_fields(synth, tmp_path):
         fit(cfg)
     assert "batch_size" not in str(e.value)
     assert pretrain.main(["--data", str(synth["train"]), "--out", str(tmp_path), "--resume", "auto",
-                          "--ops", "reference", "--loader", "torch", "--workers", "0"]) == 2
+                          "--ops", "reference", "--loader", "torch", "--workers", "0", "--device", "cpu"]) == 2
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(synth, tmp_path, monkeypatch):

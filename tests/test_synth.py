@@ -4,10 +4,9 @@ import hashlib
 import json
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
-import soundfile
+from media_fixtures import av, soundfile
 from PIL import Image
 
 from crossmae_fast.config import SAMPLE_RATE

@@ -7,13 +7,14 @@ import json
 
 import pytest
 import torch
+from optional import needs_media
 
 from crossmae_fast.config import TrainConfig, model_config, run_config
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.train.step import TrainStep, make_optimizer
 from crossmae_fast.train.trainer import Trainer
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.core]
 
 
 def batches(cfg, n: int, b: int = 6, seed: int = 0):
@@ -86,12 +87,50 @@ def test_internal_noise_varies_between_replays():
     assert len({round(x, 6) for x in seen[3:]}) == 3  # replays: different masks, different losses
 
 
+def test_one_side_stream_for_the_warmup():
+    cfg = model_config("tiny")
+    _, step = make(cfg, graph=True)
+    a, v, _, _ = [x.cuda() for x in batches(cfg, 1)[0]]
+    step(a, v)
+    first = step.side_stream
+    step(a, v)
+    assert first is not None and step.side_stream is first
+
+
+def test_failed_capture_falls_back_to_eager_steps():
+    """A capture that records the whole step and then fails (the graph is discarded): the run continues
+    eagerly from the state before the attempt (the capture advanced the CUDA RNG; it is put back)."""
+    torch.manual_seed(0)
+    cfg = model_config("tiny", ops="triton")
+    eager_model, eager = make(cfg, graph=False)
+    model, step = make(cfg, graph=True, model=copy.deepcopy(eager_model))
+
+    def failing(fn):
+        def record_then_fail():
+            fn()
+            raise RuntimeError("an op that cannot be captured")
+        return step._cuda_graph(record_then_fail)
+
+    step.capture = failing
+    losses = {"eager": [], "graph": []}
+    for name, s in (("eager", eager), ("graph", step)):
+        torch.manual_seed(1)  # masking noise comes from the CUDA RNG inside the step
+        for batch in batches(cfg, 5, seed=3):
+            s(*[x.cuda() for x in batch[:2]])
+            losses[name].append(s.read()["loss"])
+    assert step.mode == "eager" and step.graph is None
+    assert losses["graph"] == pytest.approx(losses["eager"], rel=1e-3, abs=1e-4)
+    for (name, p), q in zip(eager_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@needs_media
 def test_cli_runs_with_cuda_graph(tmp_path):
     from crossmae_fast.data.synthetic import make_synthetic_set
 
     data = make_synthetic_set(tmp_path / "synth", clips=40, seed=2, seconds=2.7, image_size=64)
     cfg = run_config(data=str(data["train"]), eval_data=str(data["eval"]), out=str(tmp_path / "run"), steps=12,
-                     batch_size=8, log_every=4, save_every=6, eval_pictures=0)
+                     batch_size=8, device="cuda", log_every=4, save_every=6, eval_pictures=0)
     summary = Trainer(cfg).fit()
     assert summary["step_mode"] == "cuda-graph" and summary["steps"] == 12
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -33,7 +33,6 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import av
 from tqdm import tqdm
 
 from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
@@ -42,6 +41,7 @@ from crossmae_fast.data.media import (
     MediaError,
     frame_indices,
     open_media,
+    require,
     resample_mono,
     resize_center_crop,
     save_jpeg,
@@ -164,6 +164,7 @@ def _row(clip: Clip, s: Settings) -> dict:
 
 def extract(clip: Clip, s: Settings, out: Path, threads: int = 0) -> dict:
     """Write one clip's audio and frames under `out`; return its manifest row. Raises `MediaError`."""
+    av = require("av")
     with open_media(clip.path) as c:
         if not c.streams.video:
             raise MediaError("no_video", f"{clip.path} has no video stream")

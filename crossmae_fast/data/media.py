@@ -9,21 +9,34 @@ file whose container declares no frame count (webm) reads as a shorter video, no
 
 from __future__ import annotations
 
+import importlib
 import io
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from types import ModuleType
+from typing import TYPE_CHECKING, BinaryIO
 
-import av
 import numpy as np
-import soundfile
 from PIL import Image
 
 from crossmae_fast.config import SAMPLE_RATE
 
+if TYPE_CHECKING:
+    import av
+
 JPEG_QUALITY = 90
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional media package (`av`, `soundfile`) where it is used, so that everything
+    else (the model, training, the loaders' plumbing) imports on machines without it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"reading or writing audio/video files needs the {module!r} package "
+                          f"(pip install {module}): {e}") from e
 
 
 class MediaError(ValueError):
@@ -37,6 +50,7 @@ class MediaError(ValueError):
 
 def resample_mono(frames: Iterable[av.AudioFrame], sample_rate: int) -> np.ndarray:
     """Resample decoded audio frames to `sample_rate` and average the channels: float32 mono."""
+    av = require("av")
     # Keep the source layout so the downmix is a plain channel mean (swresample's mono matrix
     # would scale a stereo sum by 1/sqrt(2) instead).
     resampler = av.AudioResampler(format="fltp", rate=sample_rate)
@@ -60,6 +74,7 @@ def decode_audio(container: av.container.InputContainer, sample_rate: int) -> np
 def open_media(path: str | os.PathLike | BinaryIO) -> av.container.InputContainer:
     """Open a media file (or file object) for reading; `MediaError` 'missing', 'empty' (0 bytes) or
     'unreadable'."""
+    av = require("av")
     if not hasattr(path, "read") and os.path.isfile(path) and os.path.getsize(path) == 0:
         raise MediaError("empty", f"{path}: 0 bytes")
     try:
@@ -76,6 +91,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     Raises `MediaError` (a `ValueError`) naming the file and a reason: 'missing', 'empty',
     'unreadable' (cannot be opened), 'no_audio' (no audio stream) or 'corrupt' (a decode error).
     """
+    av = require("av")
     with open_media(path) as container:
         try:
             return decode_audio(container, sample_rate)
@@ -88,6 +104,7 @@ def write_audio(path: str | os.PathLike, samples: np.ndarray, sample_rate: int) 
     fmt = {".wav": "WAV", ".flac": "FLAC"}.get(Path(path).suffix.lower())
     if fmt is None:
         raise ValueError(f"{path}: audio output must end in .wav or .flac")
+    soundfile = require("soundfile")
     buf = io.BytesIO()  # libsndfile fsyncs real files on close: slow for many small files
     soundfile.write(buf, np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16", format=fmt)
     Path(path).write_bytes(buf.getvalue())
@@ -147,6 +164,7 @@ class VideoIndex:
 
 def index_video(path: str | os.PathLike, data: bytes | None = None) -> VideoIndex:
     """Index the first video stream of `path` (or of its bytes `data`, read already); `MediaError`."""
+    av = require("av")
     with open_media(io.BytesIO(data) if data is not None else path) as c:
         if not c.streams.video:
             raise MediaError("no_video", f"{path} has no video stream")
@@ -171,6 +189,7 @@ def read_video_frame(path: str | os.PathLike, k: int, index: VideoIndex | None =
     """Frame `k` (presentation order) of the first video stream as RGB: seek to the last keyframe at
     or before it, then decode forward. Same pixels as decoding from the start (PyAV's RGB conversion,
     as `prepare` uses for the JPEG frames)."""
+    av = require("av")
     index = index or index_video(path)
     target = index.pts[k] if k < len(index.pts) else None
     with open_media(path) as c:

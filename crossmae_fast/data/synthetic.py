@@ -47,13 +47,12 @@ from fractions import Fraction
 from pathlib import Path
 from statistics import NormalDist
 
-import av
 import numpy as np
 from PIL import Image
 
 from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
 from crossmae_fast.data.manifest import frame_path, write_manifest
-from crossmae_fast.data.media import frame_indices, save_jpeg, write_audio
+from crossmae_fast.data.media import frame_indices, require, save_jpeg, write_audio
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 50, 50), "green": (50, 190, 70), "blue": (50, 90, 230), "yellow": (235, 205, 50)}
@@ -168,6 +167,7 @@ def _box(o: dict, size: int) -> list[float]:
 
 def _write_video(path: Path, frames: list[np.ndarray]) -> None:
     """VP9 webm, single-threaded and bit-exact so the same frames give the same bytes."""
+    av = require("av")
     h, w = frames[0].shape[:2]
     with av.open(str(path), "w", format="webm", options={"fflags": "+bitexact"}) as out:
         vs = out.add_stream("libvpx-vp9", rate=VIDEO_FPS)
