@@ -20,6 +20,7 @@ from crossmae_fast.data import make_loader
 from crossmae_fast.data.synthetic import make_synthetic_set
 
 CLIPS, THREADS, BATCH = 32, 2, 8
+WORST_CASE_S = {None: 60}  # writing the set once, then 4 epochs of 32 clips
 RESULTS: dict[str, float] = {}
 
 

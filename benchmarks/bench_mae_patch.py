@@ -31,6 +31,9 @@ IMPLS = {  # impl -> (patched, torch.compile, the unpatched impl it is compared 
     "patched-compile": (True, True, "mae-compile"),
 }
 MASK_RATIO = 0.75
+WORST_CASE_S = {"mae": 45, "patched": 60, "mae-compile": 120, "patched-compile": 120}
+"""Seconds each may take on a GPU, cold; the session's budget guard (conftest.py) starts one only when
+this much is left (the compiled ones run after every other benchmark)."""
 
 
 def _release() -> None:

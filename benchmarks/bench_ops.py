@@ -4,8 +4,9 @@
 
 CUDA: the `base` preset (ViT-B), batch 256, bf16; every op forward + backward except CLS top-k
 (its indices carry no gradient). Each group runs its baseline first: the eager reference (for CLS
-top-k, EViT's materialized attention + `torch.topk`), then `torch.compile` of the reference, the
-SDPA backends and xformers on explicitly gathered K/V (cross-attention), and ours (the Triton op).
+top-k, EViT's materialized attention + `torch.topk`), then the SDPA backends and xformers on
+explicitly gathered K/V (cross-attention), and ours (the Triton op); `torch.compile` of the reference
+runs after all other benchmarks (conftest.py), its cold compiles being the longest.
 CPU: the `tiny` preset, batch 8, fp32, the eager references only (Triton runs in the interpreter
 there, and compiling each op would dominate a short CPU run).
 """
@@ -22,6 +23,10 @@ import kernels
 from benchmarks import common, flops
 from crossmae_fast.config import ModelConfig, model_config
 from kernels import reference
+
+WORST_CASE_S = {None: 20, "ours": 60, "compile": 45}
+"""Seconds each may take on a GPU, cold (Triton autotuning for `ours`, Inductor for `compile`); the
+session's budget guard (conftest.py) starts one only when this much is left."""
 
 
 def _setup(device: torch.device) -> tuple[ModelConfig, int, torch.dtype]:

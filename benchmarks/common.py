@@ -63,6 +63,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+DEFAULT_WORST_CASE_S = 30.0
+"""A benchmark's worst case (cold compile + timing) where its module's `WORST_CASE_S` names none."""
+
+
 def time_budget_left(start: float) -> float:
     """Seconds left of `CROSSMAE_BENCH_BUDGET_S` (counted from `start`); inf when unset."""
     budget = os.environ.get("CROSSMAE_BENCH_BUDGET_S")
@@ -200,6 +204,18 @@ TARGETS: dict[tuple[str, str], list[Target]] = {
 }
 
 
+def check_targets(info: dict, group: dict[str, dict], *, cuda: bool) -> None:
+    """Set `info`'s targets (value and met for each) against the other results of its `group` so far.
+    `target_met` is None on the CPU (the targets are the GPU's) or while some value is missing (say, a
+    baseline not measured yet: `benchmarks.report` checks again once the whole group is in)."""
+    targets = [t.check(info, group) for t in TARGETS.get((info.get("group"), info.get("impl")), [])]
+    if targets:
+        info["target"] = "; ".join(t["what"] for t in targets)
+        info["targets"] = targets
+        met = [t["met"] for t in targets]
+        info["target_met"] = None if not cuda or None in met else all(met)
+
+
 # --- recording -------------------------------------------------------------------------------------
 
 
@@ -216,7 +232,8 @@ def record(benchmark, results: dict[str, dict[str, dict]], timing: Timing, *, de
     group_results = results.setdefault(group, {})
     if device.type == "cpu":
         extra["threads"] = torch.get_num_threads()
-    info: dict = {"group": group, "impl": impl, "device": device_name(device), **versions(), **extra,
+    info: dict = {"group": group, "impl": impl, "device": device_name(device), "device_type": device.type,
+                  **versions(), **extra,
                   "mean_s": mean, f"{unit}_per_s": per_call / mean if mean else None}
     info["tflops"] = flops / mean / 1e12 if flops and mean else None
     if peak_tflops and info["tflops"]:
@@ -230,12 +247,7 @@ def record(benchmark, results: dict[str, dict[str, dict]], timing: Timing, *, de
     info["baseline"] = baseline
     info["speedup"] = base / mean if base and mean else None
     info["peak_gib"] = timing.peak_bytes / GIB if timing.peak_bytes is not None else None
-    targets = [t.check(info, group_results) for t in TARGETS.get((group, impl), [])]
-    if targets:
-        info["target"] = "; ".join(t["what"] for t in targets)
-        info["targets"] = targets
-        met = [t["met"] for t in targets]
-        info["target_met"] = None if device.type != "cuda" or None in met else all(met)
+    check_targets(info, group_results, cuda=device.type == "cuda")
     group_results[impl] = info
     benchmark.extra_info.update(info)
     _write_partial(results)

@@ -1,10 +1,14 @@
 """Markdown tables from pytest-benchmark JSON files, and the README's performance table.
 
     python -m benchmarks.report RESULTS.json [MORE.json ...]
+    python -m benchmarks.report --summary RESULTS.json
     python -m benchmarks.report --update-readme [--results-dir benchmarks/results] [--readme README.md]
 
-The second form rewrites what lies between `<!-- perf-table:start -->` and `<!-- perf-table:end -->`
-in the README with one table per device: the newest committed result file of each.
+The first form prints a table per file; the second one line per target of `benchmarks.common.TARGETS`
+(MET, NOT MET, NOT MEASURED, or N/A for a CPU run: the targets are the GPU's); the third rewrites
+what lies between `<!-- perf-table:start -->` and `<!-- perf-table:end -->` in the README with one
+table per device: the newest committed result file of each. Targets are checked against the whole
+group as the file holds it, so a baseline measured after ours (torch.compile runs last) counts.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from benchmarks.common import TARGETS, check_targets
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 COLUMNS = ["group", "impl", "shape / batch", "mean", "throughput", "TFLOP/s", "GB/s (of copy)", "speedup",
@@ -26,7 +32,49 @@ def load(path: Path) -> dict:
         raise SystemExit(f"{path}: not a readable pytest-benchmark JSON file ({e})") from e
     if not isinstance(data, dict) or "benchmarks" not in data:
         raise SystemExit(f"{path}: no 'benchmarks' list: not a pytest-benchmark JSON file")
+    recheck_targets(data)
     return data
+
+
+def _is_cuda(info: dict) -> bool:
+    return info.get("device_type", "cpu" if "threads" in info else "cuda") == "cuda"
+
+
+def recheck_targets(data: dict) -> None:
+    """Check every target again against its whole group (this suite's results; others are left alone)."""
+    groups: dict[str, dict[str, dict]] = {}
+    for b in data["benchmarks"]:
+        info = b.get("extra_info") or {}
+        if info.get("group") and info.get("impl"):
+            groups.setdefault(info["group"], {})[info["impl"]] = info
+    for group in groups.values():
+        for info in group.values():
+            check_targets(info, group, cuda=_is_cuda(info))
+
+
+def summary(data: dict) -> list[str]:
+    """One line per target: MET, NOT MET, NOT MEASURED (with why) or N/A (a CPU run)."""
+    found = {(i.get("group"), i.get("impl")): i for i in (b.get("extra_info") or {} for b in data["benchmarks"])}
+    lines, counts = [], {}
+    for (group, impl), targets in TARGETS.items():
+        info = found.get((group, impl))
+        checked = {t["what"]: t for t in (info or {}).get("targets", [])}
+        for target in targets:
+            t = checked.get(target.what)
+            if t is None or t.get("value") is None:
+                status = "NOT MEASURED"
+                why = "not run (skipped, failed or cut short)" if info is None else "a baseline was not measured"
+                detail = f"{target.what}: {why}"
+            else:
+                status = ("N/A" if not _is_cuda(info) else "MET" if t["met"] else "NOT MET")
+                detail = f"{target.what}: {_num(t['value'])}" + (" (CPU run; the targets are the GPU's)"
+                                                                  if status == "N/A" else "")
+            counts[status] = counts.get(status, 0) + 1
+            lines.append(f"{status:<13} {group}/{impl}: {detail}")
+    order = ("MET", "NOT MET", "NOT MEASURED", "N/A")
+    lines.append("targets: " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts)
+                 + f" (of {sum(counts.values())})")
+    return lines
 
 
 def _num(x: float | None, digits: int = 3) -> str:
@@ -143,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("files", nargs="*", type=Path, help="pytest-benchmark JSON files (--benchmark-json)")
     parser.add_argument("--update-readme", action="store_true", help="rewrite the README's performance table")
+    parser.add_argument("--summary", action="store_true", help="one MET / NOT MET line per target instead of tables")
     parser.add_argument("--results-dir", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     args = parser.parse_args(argv)
@@ -154,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give result files, or --update-readme")
     for path in args.files:
         data = load(path)
-        print(f"{describe(data)} (`{path}`)\n\n{table(data)}\n")
+        if args.summary:
+            print(f"Targets, {describe(data)} (`{path}`):")
+            print("\n".join(summary(data)))
+        else:
+            print(f"{describe(data)} (`{path}`)\n\n{table(data)}\n")
     return 0
 
 

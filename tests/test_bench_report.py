@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,38 @@ def test_report_prints_a_markdown_table(tmp_path, capsys):
     assert loader.startswith("| loader_throughput |")
 
 
+def test_report_checks_targets_against_the_whole_group(tmp_path, capsys):
+    """torch.compile runs last: its figure reaches ours' targets when the report reads the file. One line
+    per target: MET, NOT MET, NOT MEASURED (never run, or its baseline missing); N/A on a CPU run."""
+    results: dict = {}
+    bench = []
+    for impl, mean, peak in (("reference", 1.0, 10), ("ours", 0.4, 8), ("compile", 0.6, None)):
+        info = _record(results, "train_step", impl, mean, flops=100e12, peak_tflops=500.0,
+                       peak=peak and peak * common.GIB)
+        info["device_type"] = "cuda"
+        bench.append({"group": "train_step", "name": f"test_train_step[{impl}]", "stats": {"mean": mean},
+                      "extra_info": info})
+    assert next(t for t in bench[1]["extra_info"]["targets"] if "compile" in t["what"])["value"] is None
+    cpu = _record(results, "masking", "ours", 0.1, nbytes=1e9, copy_gbps=20.0)
+    bench.append({"group": "masking", "name": "test_masking[ours]", "stats": {"mean": 0.1}, "extra_info": cpu})
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"datetime": "2026-12-01T00:00:00", "benchmarks": bench}))
+
+    assert report.main(["--summary", str(path)]) == 0
+    found = [re.match(r"(MET|NOT MET|NOT MEASURED|N/A) +(\S+): (.+?): ", line)
+             for line in capsys.readouterr().out.splitlines()]
+    status = {f"{m[2]}: {m[3]}": m[1] for m in found if m}
+    assert len(status) == sum(len(t) for t in common.TARGETS.values())
+    step = "train_step/ours: "
+    assert status[step + "speedup vs eager reference >= 2.0"] == "MET"
+    assert status[step + "speedup vs torch.compile >= 1.3"] == "MET"  # 0.6 / 0.4 = 1.5, checked at report time
+    assert status[step + "MFU >= 0.45"] == "MET"  # 100 TFLOP / 0.4 s / 500 = 0.5
+    assert status[step + "peak memory vs eager reference <= 0.7"] == "NOT MET"  # 0.8
+    assert status["masking/ours: copy fraction >= 0.8"] == "N/A"  # a CPU run
+    assert status["restore/ours: copy fraction >= 0.8"] == "NOT MEASURED"
+    assert list(status.values()).count("NOT MEASURED") == 3  # restore, cls_topk, cross-attention: no results
+
+
 def test_report_rejects_other_files(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
@@ -164,3 +197,9 @@ def test_bench_files_are_collected_once():
     assert "benchmarks/bench_ops.py::test_masking[ours]" in ids
     assert "benchmarks/bench_train_step.py::test_train_step[reference]" in ids
     assert len(ids) == len(set(ids))
+    # torch.compile baselines last, the train step's first; the rest in file order
+    compiled = [i for i, x in enumerate(ids) if "compile" in x.rsplit("[", 1)[-1]]
+    assert compiled == list(range(len(ids) - len(compiled), len(ids)))
+    assert ids[compiled[0]] == "benchmarks/bench_train_step.py::test_train_step[compile]"
+    assert ids.index("benchmarks/bench_ops.py::test_masking[ours]") < ids.index(
+        "benchmarks/bench_train_step.py::test_train_step[reference]")
