@@ -283,6 +283,13 @@ def test_wrong_schema_names_row_and_field(clipset, tmp_path, backend):
                     world_size=2)
 
 
+def test_missing_pyav_is_one_clear_error_not_bad_clips(clipset, monkeypatch):
+    """Without PyAV no clip is readable: the loader says so instead of marking every row bad."""
+    monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
+    with pytest.raises(ImportError, match="pip install av"):
+        epoch(clipset[0], "torch", num_workers=0)
+
+
 def test_dali_missing_falls_back_with_one_warning(clipset, monkeypatch, caplog):
     import crossmae_fast.data as data
 

@@ -53,6 +53,8 @@ class ClipDataset(Dataset):
                 continue
             try:
                 return {**self.load(row), "bad": found, "replaced": int(row != planned)}
+            except ImportError:  # PyAV or soundfile missing: no clip is readable here, say so at once
+                raise
             except Exception as e:  # any failure to read or decode a clip makes the row bad
                 self.bad[row] = f"{type(e).__name__}: {e}"
                 found.append((row, self.bad[row]))
