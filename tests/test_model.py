@@ -29,8 +29,7 @@ def tiny(variant: str = "crossmae", **kw) -> CrossMAE:
     return CrossMAE(model_config("tiny", variant, ops="reference", **kw))
 
 
-@pytest.mark.parametrize("preset", ["tiny", pytest.param("base", marks=pytest.mark.slow),
-                                    pytest.param("large", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("preset", ["tiny", "base", "large"])
 def test_output_shapes_at_real_input_size(preset):
     """`tiny` runs for real; `base` and `large` run on the meta device (shapes only, no compute)."""
     cfg = model_config(preset, ops="reference")
