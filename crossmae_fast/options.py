@@ -158,6 +158,19 @@ def merge(base: Mapping, over: Mapping) -> dict:
     return out
 
 
+def settable(cls, values: Mapping) -> dict:
+    """Nested `values` (say `cfg.to_dict()`) without the fields that are not options (those that
+    follow another section): what a config file holds."""
+    index = leaves(cls)
+    out: dict = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            out[key] = {k: v for k, v in value.items() if k in index and index[k].section == key}
+        elif key in index:
+            out[key] = value
+    return out
+
+
 def from_namespace(ns: Mapping, cls) -> dict:
     """Nested values of the options given on the command line (`vars(parser.parse_args())` with
     SUPPRESS defaults); keys that are not config fields (say `config`) are ignored."""

@@ -179,6 +179,7 @@ def test_resume_is_exact(synth, tmp_path, monkeypatch):
 
 def test_resume_other_config_names_fields(synth, tmp_path):
     fit(tiny_cfg(synth, tmp_path, steps=1))
+    assert pretrain.parse_args(["--config", str(tmp_path / "config.json")]) == tiny_cfg(synth, tmp_path, steps=1)
     with pytest.raises(ValueError, match="already holds a run"):  # a fresh start never overwrites a run
         fit(tiny_cfg(synth, tmp_path, steps=1))
     with pytest.raises(ValueError, match="no such checkpoint"):
@@ -252,3 +253,21 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     with pytest.raises(OSError):
         ckpt.atomic_write(path, broken)
     assert path.read_bytes() == b"good" and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_final_evaluation_uses_the_runs_data_settings(synth, tmp_path, monkeypatch):
+    from crossmae_fast.eval import evaluator
+
+    seen = {}
+
+    def fake_evaluate(model, manifest, **kw):
+        seen.update(kw, manifest=manifest, training=model.training)
+        return {"retrieval": {"a2v": {"R@1": 0.5}}}
+
+    monkeypatch.setattr(evaluator, "evaluate", fake_evaluate)
+    monkeypatch.setattr(evaluator, "format_tables", lambda result: "tables")
+    summary = fit(tiny_cfg(synth, tmp_path, steps=2, audio_mean=-4.0, eval_data=str(synth["eval"]), eval_pictures=1))
+    assert summary["eval"] == {"retrieval": {"a2v": {"R@1": 0.5}}}
+    assert seen["data"].audio_mean == -4.0 and seen["data"].image_size == 64 and seen["pictures_k"] == 1
+    assert seen["manifest"] == str(synth["eval"]) and seen["out_dir"] == tmp_path / "eval"
+    assert metrics(tmp_path)[-1] == {"step": 2, "eval": summary["eval"]}

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from crossmae_fast.config import data_config
+from crossmae_fast.config import DataConfig, data_config
 from crossmae_fast.data import make_loader
 from crossmae_fast.data.box_annotations import center_crop_boxes
 from crossmae_fast.data.manifest import frame_path, read_manifest
@@ -88,12 +88,13 @@ def ground_truth(row: dict, size: int, mode: str, frame: int) -> torch.Tensor:
 def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path | None = None,
              pictures_k: int = 0, batch_size: int = 32, device: str = "cpu", backend: str = "dali",
              gt_mode: str = "vggss", map_size: int = 224, num_workers: int = 2, seed: int = 0,
-             checkpoint: str | Path | None = None) -> dict:
+             checkpoint: str | Path | None = None, data: DataConfig | None = None) -> dict:
     """Retrieval and (where the manifest has boxes) localization metrics; pictures of `pictures_k` clips.
-    With `out_dir`, the pictures and then `metrics.json` (the returned dict) are written there."""
+    With `out_dir`, the pictures and then `metrics.json` (the returned dict) are written there. `data`:
+    the input settings the model was trained with (default: `data_config(model.cfg)`)."""
     model.eval()
     cfg = model.cfg
-    dcfg = data_config(cfg)
+    dcfg = data if data is not None else data_config(cfg)
     rows = read_manifest(manifest)
     loader = make_loader(manifest, backend=backend, batch_size=batch_size, train=False, data_config=dcfg,
                          device=device, num_workers=num_workers, seed=seed)

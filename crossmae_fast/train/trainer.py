@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from crossmae_fast import options
 from crossmae_fast.config import RunConfig
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.train import checkpoint as ckpt
@@ -216,8 +217,9 @@ class Trainer:
                  "global batch %d, lr %.3g, warm-up %d steps; out %s", m.preset, m.variant, n_params / 1e6,
                  self.device, self.world, self.precision, self.cfg.data.loader, m.ops, s.total, self.per_epoch,
                  t.batch_size * self.world, s.base_lr, s.warmup, t.out)
-        Path(t.out, "config.json").write_text(json.dumps({**self.cfg.to_dict(), "world_size": self.world},
-                                                         indent=1) + "\n")
+        # the same keys as a --config file: `--config OUT/config.json` repeats the run
+        settable = options.settable(RunConfig, self.cfg.to_dict())
+        Path(t.out, "config.json").write_text(json.dumps(settable, indent=1) + "\n")
         if self.state.step >= s.total:
             log.info("run already complete at step %d (raise --steps / --epochs to train longer)", self.state.step)
 
@@ -317,7 +319,7 @@ class Trainer:
             result = evaluator.evaluate(self.model, manifest, out_dir=Path(t.out) / "eval",
                                         pictures_k=self.cfg.eval.eval_pictures, batch_size=t.batch_size,
                                         device=self.device, backend=self.cfg.data.loader,
-                                        num_workers=self.cfg.data.workers, seed=t.seed)
+                                        num_workers=self.cfg.data.workers, seed=t.seed, data=self.cfg.data)
         except Exception as e:  # training results are saved already; report and carry on
             log.warning("evaluation failed (%s: %s); the checkpoint is saved", type(e).__name__, e)
             return None
