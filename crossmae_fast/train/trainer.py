@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from crossmae_fast.train.metrics import MetricsLog, format_eta
 from crossmae_fast.train.rng import gather_rng, seed_all, set_rng_state
 from crossmae_fast.train.step import TrainStep, lr_at, make_optimizer
 from crossmae_fast.train.stopping import Stopper
+
+if TYPE_CHECKING:
+    from crossmae_fast.data.clips import ClipLoader
 
 log = logging.getLogger("crossmae_fast.pretrain")
 
@@ -92,6 +96,21 @@ class Trainer:
     """Pre-trains `CrossMAE` as `cfg` says: `Trainer(cfg).fit()` returns a summary (steps, last
     metrics, checkpoint, why it stopped, evaluation). One per process under torchrun (DDP)."""
 
+    # set up by `fit`: this process's place, then the parts of the run
+    device: torch.device
+    rank: int
+    world: int
+    main: bool
+    precision: str
+    model: CrossMAE
+    loader: ClipLoader
+    per_epoch: int
+    schedule: Schedule
+    optimizer: torch.optim.Optimizer
+    train_step: TrainStep
+    metrics: MetricsLog
+    stopper: Stopper
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.state = TrainState()
@@ -102,6 +121,8 @@ class Trainer:
     # --- set-up -----------------------------------------------------------------------------------
 
     def fit(self) -> dict:
+        """Set up (resuming when `train.resume` says so), train until the end, a stop or a NaN, then
+        export the encoders and evaluate (after a complete run)."""
         resume = self._start_process()
         manifests = self._manifests()
         self._build(resume, manifests["train"])
@@ -115,9 +136,8 @@ class Trainer:
         t = self.cfg.train
         if t.cuda_graph:  # NCCL's watchdog must not abort collectives that live inside a CUDA graph
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
-        self.dist = distributed.init_distributed(t.device)
-        self.device, self.rank, self.world = self.dist.device, self.dist.rank, self.dist.world_size
-        self.main = self.dist.is_main
+        where = distributed.init_distributed(t.device)
+        self.device, self.rank, self.world, self.main = where.device, where.rank, where.world_size, where.is_main
         set_threads(t.threads, self.device)
         self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
         for flag, value in (("data", t.data), ("eval-data", self.cfg.eval.eval_data), ("init", t.init)):
