@@ -9,9 +9,11 @@
 # Phases, in order; each is bounded by `timeout`, interpreter start-ups included (worst case, seconds):
 #   0. versions, card and the result files' stem                                 30 (+5 kill grace)
 #   1. tests on the GPU (markers `gpu or core`): the CUDA-graph train step first (test_train_cuda),
-#      then the kernels' correctness tests (test_kernel_*, test_model_ops) and TrainStep's fallback.
-#      Cold Triton autotuning dominates: each kernel x dtype compiles all its configs once (estimated
-#      at 15-55 s per kernel before the configs were pruned); cut short at TEST_BUDGET_S.      200 (+10)
+#      then the kernels' correctness tests, cheapest first (masking, restore, top-k, the model with the
+#      fused ops, the MAE patch, cross-attention) and TrainStep's fallback. Cold Triton compiles
+#      dominate: every autotune config of every kernel, per dtype (fp32, fp16, bf16) and per length
+#      specialisation, about 1-3 s each; on the order of a hundred compiles (150-450 s, earlier
+#      estimates said 15-55 s per autotuned kernel), so this phase is cut at TEST_BUDGET_S.   200 (+10)
 #   2. benchmarks, one pytest session: the op benchmarks (eager baselines, SDPA backends, ours), the
 #      MAE step with and without kernels.patch_mae, the CrossMAE train step (eager reference, fused ops,
 #      CUDA graph), then every torch.compile baseline (the train step's first). Each benchmark starts
@@ -87,9 +89,14 @@ test_budget=$(( suite_budget - SECONDS - 10 - 120 ))  # leave the benchmarks at 
 [ "$test_budget" -lt 30 ] && test_budget=30
 echo "== phase 1: tests on the GPU (budget $test_budget s) =="
 # TRITON_INTERPRET unset: the kernels compile for the GPU (tests/conftest.py sets it only without CUDA)
+# Most important first: the CUDA-graph step, then the kernels with the fewest compiles, cross-attention
+# (the most autotuned variants) last; any other kernel test file after these.
+files=(tests/test_train_cuda.py tests/test_kernel_masking.py tests/test_kernel_restore.py tests/test_kernel_topk.py
+       tests/test_model_ops.py tests/test_kernel_mae_patch.py tests/test_kernel_cross_attention.py tests/test_train_step.py)
+for f in tests/test_kernel_*.py; do [[ " ${files[*]} " == *" $f "* ]] || files+=("$f"); done
 timeout --signal=INT --kill-after=10 "$test_budget" env -u TRITON_INTERPRET \
-    "$PY" -m pytest tests/test_train_cuda.py tests/test_kernel_*.py tests/test_model_ops.py tests/test_train_step.py \
-    -m "gpu or core" -q -rfEs -p no:cacheprovider --durations=15 2>&1 | tee "$dir/${stem}_tests.log"
+    "$PY" -m pytest "${files[@]}" -m "gpu or core" -q -rfEs -p no:cacheprovider --durations=15 2>&1 \
+    | tee "$dir/${stem}_tests.log"
 test_status=${PIPESTATUS[0]}
 tests_line="$(grep -E '[0-9]+ (passed|failed|skipped|error)|no tests ran' "$dir/${stem}_tests.log" | tail -n 1)"
 case "$test_status" in
