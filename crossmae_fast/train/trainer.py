@@ -123,16 +123,19 @@ class Trainer:
     def fit(self) -> dict:
         """Set up (resuming when `train.resume` says so), train until the end, a stop or a NaN, then
         export the encoders and evaluate (after a complete run)."""
-        resume = self._start_process()
+        self._start_process()
+        path = self._resume_path()
         manifests = self._manifests()
+        # settings derived from the data belong here, before the config is compared with a checkpoint's
+        resume = self._load_resume(path) if path else None
         self._build(resume, manifests["train"])
         self._announce()
         with self.stopper:
             self._run()
         return self._finish(manifests.get("eval"))
 
-    def _start_process(self) -> dict | None:
-        """Join the process group, pick the device, check paths; the checkpoint to resume, if any."""
+    def _start_process(self) -> None:
+        """Join the process group, pick the device and threads, check the given paths."""
         t = self.cfg.train
         if t.cuda_graph:  # NCCL's watchdog must not abort collectives that live inside a CUDA graph
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
@@ -143,12 +146,18 @@ class Trainer:
         for flag, value in (("data", t.data), ("eval-data", self.cfg.eval.eval_data), ("init", t.init)):
             if value and not Path(value).is_file():
                 raise FileNotFoundError(f"--{flag} {value}: no such file")
-        # rank 0 decides (all ranks must agree); every rank then reads the file (a shared filesystem)
+
+    def _resume_path(self) -> Path | None:
+        """The checkpoint `--resume` names (None: a fresh start); rank 0 decides, all ranks agree."""
+        t = self.cfg.train
         path, error = distributed.broadcast_object(ckpt.resolve_resume(t.out, t.resume) if self.main else None)
         if error:
             raise ValueError(error)
-        if path is None:
-            return None
+        return path
+
+    def _load_resume(self, path: Path) -> dict:
+        """The checkpoint's state (every rank reads the file: a shared filesystem), once it is checked
+        to continue under this config."""
         state = ckpt.load_checkpoint(path)
         longer = ckpt.check_resume(state, self.cfg, self.world, path)
         if longer and self.main:
