@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.core
 
 
 def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
@@ -21,6 +23,9 @@ def _run(*args: str, timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CI's check: on a GPU host the kernel tests compile for the "
+                    "device itself, and device time is scarce")
 def test_kernel_compile_every_kernel_for_sm90_and_sm80():
     proc = _run("--check", "--arch", "90", "--arch", "80", timeout=1500)
     report = proc.stdout + proc.stderr
