@@ -1,11 +1,13 @@
 """CLS-attention top-k (EViT-style token ranking) without an attention matrix.
 
-One Triton program per batch row computes the CLS query's softmax over all 1+N keys for every head
-(a first pass over the keys for the row max and sum, online, per head; a second pass that sums the
-heads' probabilities per key block) and writes probs [B, N] in fp32. The top-k itself is
-`torch.topk` on those probs: [B, N] is tiny next to reading K, and torch's sort is exact, sorted
-and capturable. The backward (probs w.r.t. q_cls and k) is one program per (batch, head): one
-online pass for the softmax statistics and sum(p * dp), one pass that writes dK and accumulates dq.
+The CLS query's softmax over all 1+N keys, per head, is split in two kernels so that a small batch
+still fills the GPU: one program per (batch, head) makes the row's max and sum in one online pass
+over the keys (fp32 statistics, [B, H, 2]); then one program per (batch, key block) recomputes the
+block's scores for every head, normalises them with those statistics and sums the heads in order,
+writing probs [B, N] in fp32 (the head mean happens in registers, deterministically). The top-k is
+`torch.topk` on those probs: [B, N] is tiny next to reading K, and torch's sort is exact, sorted and
+capturable. The backward (probs w.r.t. q_cls and k) is one program per (batch, head): one online
+pass for the softmax statistics and sum(p * dp), one pass that writes dK and accumulates dq.
 """
 
 from __future__ import annotations
@@ -20,12 +22,23 @@ from kernels.reference import cls_attention_topk_reference
 from kernels.utils import interpret_mode, next_pow2, use_triton
 
 _LOG2E = math.log2(math.e)
+LENGTHS = ["H", "N1"]
+"""Integer lengths left unspecialised: the kernels mask by them, so a new length needs no new compile."""
 
 
 def _configs() -> list[triton.Config]:
     if interpret_mode():
         return [triton.Config({"BLOCK_N": 128}, num_warps=4)]
     return [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in ((16, 2), (32, 4), (64, 4), (128, 8))]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Key blocks no longer than the keys need, and K tiles of at most 64 fp32 values per thread (a
+    256-wide head dim keeps BLOCK_N <= 32); the smallest config always survives."""
+    n1, block_d = named_args["N1"], kwargs["BLOCK_D"]
+    fits = [c for c in configs
+            if c.kwargs["BLOCK_N"] <= max(16, next_pow2(n1)) and c.kwargs["BLOCK_N"] * block_d <= 64 * 32 * c.num_warps]
+    return fits or configs[:1]
 
 
 @triton.jit
@@ -55,44 +68,52 @@ def _load_dp(g_ptr, sgn, offs, N1, H):
     return dp.to(tl.float32) / H
 
 
-@triton.autotune(configs=_configs(), key=["N1", "BLOCK_D"])
-@triton.jit
-def _cls_probs_kernel(
-    q_ptr, k_ptr, out_ptr, H, N1, D, qk_scale,
+@triton.autotune(configs=_configs(), key=["N1", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=LENGTHS)
+def _cls_stats_kernel(
+    q_ptr, k_ptr, stats_ptr, H, N1, D, qk_scale,
     sqb, sqh, sqd, skb, skh, skn, skd,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """probs[b, n] = mean_h softmax_j(q[b, h] . k[b, h, j] * scale)[1 + n], softmax over j in [0, N1)."""
+    """stats[b, h] = (max_j s_j, 1 / sum_j exp2(s_j - max)) over the keys j in [0, N1), s in log2 units."""
     b = tl.program_id(0).to(tl.int64)
-    heads = tl.arange(0, BLOCK_H)
-    m_h = tl.zeros([BLOCK_H], dtype=tl.float32)  # per-head row max, log2 units
-    inv_l_h = tl.zeros([BLOCK_H], dtype=tl.float32)  # per-head 1 / sum(exp2(s - max))
+    h = tl.program_id(1).to(tl.int64)
+    q = _load_vec(q_ptr + b * sqb + h * sqh, sqd, D, BLOCK_D) * qk_scale
+    k_bh = k_ptr + b * skb + h * skh
+    m = tl.full([], float("-inf"), dtype=tl.float32)
+    den = tl.zeros([], dtype=tl.float32)
+    for start in range(0, N1, BLOCK_N):
+        _, _, _, s = _key_scores(k_bh, q, start, N1, D, skn, skd, BLOCK_N, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        den = den * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new), axis=0)
+        m = m_new
+    tl.store(stats_ptr + (b * H + h) * 2, m)
+    tl.store(stats_ptr + (b * H + h) * 2 + 1, 1.0 / den)
+
+
+@triton.autotune(configs=_configs(), key=["N1", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=LENGTHS)
+def _cls_probs_kernel(
+    q_ptr, k_ptr, stats_ptr, out_ptr, H, N1, D, qk_scale,
+    sqb, sqh, sqd, skb, skh, skn, skd,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """probs[b, n] = mean_h exp2(s_hn - max_h) / sum_h for the keys 1 + n of block program_id(1)."""
+    b = tl.program_id(0).to(tl.int64)
+    start = 1 + tl.program_id(1) * BLOCK_N  # key 0 is the CLS token: no output column
+    offs = start + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for h in range(H):
         q = _load_vec(q_ptr + b * sqb + h * sqh, sqd, D, BLOCK_D) * qk_scale
-        k_bh = k_ptr + b * skb + h * skh
-        m = tl.full([], float("-inf"), dtype=tl.float32)
-        den = tl.zeros([], dtype=tl.float32)
-        for start in range(0, N1, BLOCK_N):
-            _, _, _, s = _key_scores(k_bh, q, start, N1, D, skn, skd, BLOCK_N, BLOCK_D)
-            m_new = tl.maximum(m, tl.max(s, axis=0))
-            den = den * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new), axis=0)
-            m = m_new
-        m_h = tl.where(heads == h, m, m_h)
-        inv_l_h = tl.where(heads == h, 1.0 / den, inv_l_h)
-    for start in range(1, N1, BLOCK_N):  # key 0 is the CLS token: no output column
-        offs = start + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for h in range(H):
-            q = _load_vec(q_ptr + b * sqb + h * sqh, sqd, D, BLOCK_D) * qk_scale
-            _, _, _, s = _key_scores(k_ptr + b * skb + h * skh, q, start, N1, D, skn, skd, BLOCK_N, BLOCK_D)
-            m = tl.sum(tl.where(heads == h, m_h, 0.0), axis=0)
-            inv_l = tl.sum(tl.where(heads == h, inv_l_h, 0.0), axis=0)
-            acc += tl.exp2(s - m) * inv_l
-        tl.store(out_ptr + b * (N1 - 1) + offs - 1, acc / H, mask=offs < N1)
+        _, _, _, s = _key_scores(k_ptr + b * skb + h * skh, q, start, N1, D, skn, skd, BLOCK_N, BLOCK_D)
+        m = tl.load(stats_ptr + (b * H + h) * 2)
+        inv_l = tl.load(stats_ptr + (b * H + h) * 2 + 1)
+        acc += tl.exp2(s - m) * inv_l
+    tl.store(out_ptr + b * (N1 - 1) + offs - 1, acc / H, mask=offs < N1)
 
 
-@triton.autotune(configs=_configs(), key=["N1", "BLOCK_D"])
-@triton.jit
+@triton.autotune(configs=_configs(), key=["N1", "BLOCK_D"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=LENGTHS)
 def _cls_probs_bwd_kernel(
     q_ptr, k_ptr, g_ptr, dq_ptr, dk_ptr, H, N1, D, qk_scale, scale,
     sqb, sqh, sqd, skb, skh, skn, skd, sgb, sgn,
@@ -138,10 +159,11 @@ def _probs(q_cls: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     out = torch.empty(B, N1 - 1, device=k.device, dtype=torch.float32)
     if out.numel() == 0:
         return out
-    _cls_probs_kernel[(B,)](
-        q_cls, k, out, H, N1, D, D**-0.5 * _LOG2E, *q_cls.stride(), *k.stride(),
-        BLOCK_H=next_pow2(H), BLOCK_D=next_pow2(D),
-    )
+    stats = torch.empty(B, H, 2, device=k.device, dtype=torch.float32)
+    args = (H, N1, D, D**-0.5 * _LOG2E, *q_cls.stride(), *k.stride())
+    _cls_stats_kernel[(B, H)](q_cls, k, stats, *args, BLOCK_D=next_pow2(D))
+    grid = lambda meta: (B, triton.cdiv(N1 - 1, meta["BLOCK_N"]))  # noqa: E731
+    _cls_probs_kernel[grid](q_cls, k, stats, out, *args, BLOCK_D=next_pow2(D))
     return out
 
 

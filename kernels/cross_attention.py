@@ -23,11 +23,14 @@ import triton
 import triton.language as tl
 
 from kernels.reference import cross_attention_reference
-from kernels.utils import interpret_mode, next_pow2, use_triton
+from kernels.utils import dot_precision, interpret_mode, next_pow2, use_triton
 
 MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 KEY = ["Lq", "NK", "D"]  # autotune key: query count, key count (S or Lk), head dim
+LENGTHS = ["H", "Lq", "NK"]  # masked by the kernels: a new length reuses the compiled binary
+TILE_BUDGET = 128  # fp32 tile values per thread a config may keep live with tensor-core dots (see _pruner)
+FMA_TILE_BUDGET = 32  # the same with exact fp32 dots: FMAs replicate operands across threads, and spill
 
 
 def _configs(options: list[tuple[int, int, int]]) -> list[triton.Config]:
@@ -35,6 +38,31 @@ def _configs(options: list[tuple[int, int, int]]) -> list[triton.Config]:
     if interpret_mode():
         options = [(32, 4, 1)]
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in options]
+
+
+def _tile_floats(config: triton.Config, kwargs: dict, query_block: bool) -> float:
+    """fp32 tile values per thread a config keeps live: for a query-block kernel (forward, dQ) the
+    BLOCK_M x BLOCK_D accumulator and BLOCK_M x BLOCK_N scores; for the dK/dV kernel two BLOCK_N x BLOCK_D
+    accumulators and the BLOCK_N x BLOCK_M scores."""
+    m, n, d = config.kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"]
+    floats = m * (d + n) if query_block else n * (2 * d + m)
+    return floats / (32 * config.num_warps)
+
+
+def _pruner(query_block: bool):
+    """`early_config_prune` for one kernel: BLOCK_M no longer than the queries need, and tiles within a
+    register budget (a smaller one for exact fp32 dots); the config with the smallest tiles always survives."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
+        max_m = max(smallest_m, next_pow2(named_args["Lq"]))
+        exact = kwargs["PREC"] == "ieee" and named_args["Q"].dtype == torch.float32
+        budget = FMA_TILE_BUDGET if exact else TILE_BUDGET
+        cost = lambda c: _tile_floats(c, kwargs, query_block)  # noqa: E731
+        kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and cost(c) <= budget]
+        return kept or [min(configs, key=cost)]
+
+    return {"early_config_prune": prune}
 
 
 @triton.jit
@@ -46,8 +74,9 @@ def _key_rows(IDX, offs_n, n_ok, HAS_INDEX: tl.constexpr):
     return rows
 
 
-@triton.autotune(configs=_configs([(64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 3)]), key=KEY)
-@triton.jit
+@triton.autotune(configs=_configs([(64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 3)]), key=KEY,
+                 prune_configs_by=_pruner(query_block=True))
+@triton.jit(do_not_specialize=LENGTHS)
 def _fwd_kernel(Q, K, V, IDX, OUT, LSE, qk_scale,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sib,
                 H, Lq, NK, D,
@@ -90,7 +119,7 @@ def _fwd_kernel(Q, K, V, IDX, OUT, LSE, qk_scale,
     tl.store(LSE + (b * H + h) * Lq + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Lq"])
 def _bwd_delta_kernel(OUT, DO, DLSE, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq, D,
                       HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta = rowsum(dO * O) - dLSE: the softmax-backward row term."""
@@ -111,8 +140,9 @@ def _bwd_delta_kernel(OUT, DO, DLSE, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq,
     tl.store(DELTA + row, delta, mask=m_ok)
 
 
-@triton.autotune(configs=_configs([(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 8, 3)]), key=KEY)
-@triton.jit
+@triton.autotune(configs=_configs([(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 8, 3)]), key=KEY,
+                 prune_configs_by=_pruner(query_block=False))
+@triton.jit(do_not_specialize=LENGTHS)
 def _bwd_kv_kernel(Q, K, V, IDX, OUT, DO, LSE, DLSE, DELTA, DQ, DK, DV, qk_scale, scale,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sdob, sdoh, sdom, sib,
                    sdqb, sdqh, sdqm, sdkb, sdkh, sdkn,
@@ -169,8 +199,9 @@ def _bwd_kv_kernel(Q, K, V, IDX, OUT, DO, LSE, DLSE, DELTA, DQ, DK, DV, qk_scale
     tl.store(DV + off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
-@triton.autotune(configs=_configs([(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]), key=KEY)
-@triton.jit
+@triton.autotune(configs=_configs([(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]), key=KEY,
+                 prune_configs_by=_pruner(query_block=True))
+@triton.jit(do_not_specialize=LENGTHS)
 def _bwd_q_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, qk_scale, scale,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sib, sdqb, sdqh, sdqm,
                   H, Lq, NK, D,
@@ -251,8 +282,7 @@ def _block_n(n_keys: int, d: int, dtype: torch.dtype) -> int:
 
 
 def _launch_args(q: torch.Tensor, kv_index: torch.Tensor | None) -> dict:
-    return dict(HAS_INDEX=kv_index is not None, BLOCK_D=max(16, next_pow2(q.shape[3])),
-                PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    return dict(HAS_INDEX=kv_index is not None, BLOCK_D=max(16, next_pow2(q.shape[3])), PREC=dot_precision(q.dtype))
 
 
 def _device(t: torch.Tensor):

@@ -17,7 +17,7 @@ from kernels.reference import masking_indices, random_masking_reference
 from kernels.utils import batch_chunk, row_blocks, use_triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _gather_add_kernel(
     x_ptr, pos_ptr, idx_ptr, out_ptr, K, D,
     sxb, sxl, sxd, spb, spl, spd, sib, sik, sob, sok,
@@ -37,7 +37,7 @@ def _gather_add_kernel(
     tl.store(out, val.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K", "L", "b_chunk"])
 def _gather_add_bwd_kernel(
     g_ptr, ids_ptr, dx_ptr, dpos_ptr, B, K, L, D, b_chunk,
     sgb, sgk, sgd, sib, sil,

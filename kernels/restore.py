@@ -17,7 +17,7 @@ from kernels.reference import restore_tokens_reference
 from kernels.utils import batch_chunk, row_blocks, use_triton
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "L"])
 def _restore_kernel(
     x_ptr, tok_ptr, pos_ptr, ids_ptr, out_ptr, K, L, D,
     sxb, sxk, sxd, spb, spl, spd, sib, sil,
@@ -41,7 +41,7 @@ def _restore_kernel(
     tl.store(out, val.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B", "K", "L", "b_chunk"])
 def _restore_bwd_kernel(
     g_ptr, ids_ptr, dx_ptr, dtok_ptr, dpos_ptr, B, K, L, D, b_chunk,
     sgb, sgl, sgd, sib, sil,

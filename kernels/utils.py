@@ -19,6 +19,22 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return interpret_mode()
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls on CUDA use TF32 (`torch.backends.cuda.matmul.fp32_precision`,
+    which follows `torch.set_float32_matmul_precision`, `allow_tf32` and `torch.backends.fp32_precision`)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch before the fp32_precision API
+        return bool(matmul.allow_tf32)
+    return precision == "tf32"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: fp32 operands use TF32 tensor cores when torch allows TF32 for fp32 matmuls,
+    else exact fp32 ("ieee", no tensor cores); 16-bit operands are exact either way ("tf32", one binary)."""
+    return "ieee" if dtype == torch.float32 and not tf32_allowed() else "tf32"
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two >= n (`tl.arange` needs powers of two)."""
     return 1 << max(0, (n - 1).bit_length())

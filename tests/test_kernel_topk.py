@@ -87,6 +87,24 @@ def test_kernel_topk_exact_order_without_ties(B, H, N, D, dtype):
         assert torch.equal(idx, cls_attention_topk_reference(q, k, topk)[0])
 
 
+@pytest.mark.parametrize("B,H,N,D", [(33, 2, 150, 40), (32, 3, 257, 16)])
+def test_kernel_topk_many_programs(B, H, N, D):
+    """A batch spread over (batch, head) statistics programs and (batch, key block) probability programs
+    (more than one key block per row under the interpreter's BLOCK_N = 128): probs, gradients and order."""
+    q = torch.randn(B, H, D, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, H, N + 1, D, device=DEVICE, requires_grad=True)
+    idx, probs = cls_attention_topk(q, k, N // 3)
+    _, ref = cls_attention_topk_reference(q, k, N // 3)
+    assert _rel_err(probs, ref) <= 1e-5
+    assert torch.allclose(probs.sum(1), 1 - (q[:, :, None] @ k.mT)[:, :, 0].div(D**0.5).softmax(-1)[:, :, 0].mean(1),
+                          atol=1e-5)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(probs, (q, k), grad), torch.autograd.grad(ref, (q, k), grad)):
+        assert _rel_err(a, b) <= 1e-5
+    q, k, order = _distinct_scores(B, H, N, D, torch.float32)
+    assert torch.equal(cls_attention_topk(q, k, N // 3)[0], order[:, : N // 3])
+
+
 def test_kernel_topk_strided_keys():
     """k as the attention block makes it: a permuted view of a fused qkv projection."""
     B, N1, H, D = 2, 50, 3, 32
