@@ -29,8 +29,9 @@ MAX_HEAD_DIM = 128
 LOG2E = 1.4426950408889634
 KEY = ["Lq", "NK", "D"]  # autotune key: query count, key count (S or Lk), head dim
 LENGTHS = ["H", "Lq", "NK"]  # masked by the kernels: a new length reuses the compiled binary
-TILE_BUDGET = 128  # fp32 tile values per thread a config may keep live with tensor-core dots (see _pruner)
-FMA_TILE_BUDGET = 32  # the same with exact fp32 dots: FMAs replicate operands across threads, and spill
+TILE_BUDGET = {(2, "tf32"): 128, (4, "tf32"): 96, (4, "ieee"): 32}
+"""Tile values per thread a config may keep live, by (operand bytes, dot precision): set from ptxas's spill
+reports in benchmarks/results/kernel_resources.md (exact fp32 dots run on FMAs, which replicate operands)."""
 
 
 def _configs(options: list[tuple[int, int, int]]) -> list[triton.Config]:
@@ -40,25 +41,32 @@ def _configs(options: list[tuple[int, int, int]]) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in options]
 
 
-def _tile_floats(config: triton.Config, kwargs: dict, query_block: bool) -> float:
-    """fp32 tile values per thread a config keeps live: for a query-block kernel (forward, dQ) the
-    BLOCK_M x BLOCK_D accumulator and BLOCK_M x BLOCK_N scores; for the dK/dV kernel two BLOCK_N x BLOCK_D
-    accumulators and the BLOCK_N x BLOCK_M scores."""
+def _tile_floats(config: triton.Config, kwargs: dict, kind: str, esize: int) -> float:
+    """Tile values per thread (in fp32 registers) a config keeps live, roughly: "fwd" the BLOCK_M x BLOCK_D
+    accumulator, Q tile and two BLOCK_M x BLOCK_N score tiles; "dq" its accumulator, Q and dO tiles and four
+    score-sized tiles; "dkdv" the two BLOCK_N x BLOCK_D accumulators, four score-sized tiles, the Q and dO
+    tiles, and when FUSED also O and dQ."""
     m, n, d = config.kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"]
-    floats = m * (d + n) if query_block else n * (2 * d + m)
+    if kind == "fwd":
+        floats = m * (d + 2 * n) + m * d * esize / 4
+    elif kind == "dq":
+        floats = m * (3 * d + 3 * n)
+    else:
+        floats = n * (2 * d + 3 * m) + m * d * (4 if kwargs["FUSED"] else 2)
     return floats / (32 * config.num_warps)
 
 
-def _pruner(query_block: bool):
+def _pruner(kind: str):
     """`early_config_prune` for one kernel: BLOCK_M no longer than the queries need, and tiles within a
-    register budget (a smaller one for exact fp32 dots); the config with the smallest tiles always survives."""
+    register budget (smaller for fp32 operands, smallest for exact fp32 dots, which run on FMAs); the config
+    with the smallest tiles always survives."""
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
         max_m = max(smallest_m, next_pow2(named_args["Lq"]))
-        exact = kwargs["PREC"] == "ieee" and named_args["Q"].dtype == torch.float32
-        budget = FMA_TILE_BUDGET if exact else TILE_BUDGET
-        cost = lambda c: _tile_floats(c, kwargs, query_block)  # noqa: E731
+        esize = named_args["Q"].element_size()
+        budget = TILE_BUDGET[(esize, kwargs["PREC"])] if esize == 4 else TILE_BUDGET[(2, "tf32")]
+        cost = lambda c: _tile_floats(c, kwargs, kind, esize)  # noqa: E731
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and cost(c) <= budget]
         return kept or [min(configs, key=cost)]
 
@@ -75,7 +83,7 @@ def _key_rows(IDX, offs_n, n_ok, HAS_INDEX: tl.constexpr):
 
 
 @triton.autotune(configs=_configs([(64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 3)]), key=KEY,
-                 prune_configs_by=_pruner(query_block=True))
+                 prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=LENGTHS)
 def _fwd_kernel(Q, K, V, IDX, OUT, LSE, qk_scale,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sib,
@@ -141,7 +149,7 @@ def _bwd_delta_kernel(OUT, DO, DLSE, DELTA, sob, soh, som, sdb, sdh, sdm, H, Lq,
 
 
 @triton.autotune(configs=_configs([(16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (64, 8, 3)]), key=KEY,
-                 prune_configs_by=_pruner(query_block=False))
+                 prune_configs_by=_pruner("dkdv"))
 @triton.jit(do_not_specialize=LENGTHS)
 def _bwd_kv_kernel(Q, K, V, IDX, OUT, DO, LSE, DLSE, DELTA, DQ, DK, DV, qk_scale, scale,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sdob, sdoh, sdom, sib,
@@ -200,7 +208,7 @@ def _bwd_kv_kernel(Q, K, V, IDX, OUT, DO, LSE, DLSE, DELTA, DQ, DK, DV, qk_scale
 
 
 @triton.autotune(configs=_configs([(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]), key=KEY,
-                 prune_configs_by=_pruner(query_block=True))
+                 prune_configs_by=_pruner("dq"))
 @triton.jit(do_not_specialize=LENGTHS)
 def _bwd_q_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, qk_scale, scale,
                   sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom, sib, sdqb, sdqh, sdqm,
