@@ -43,14 +43,14 @@ def _configs(options: list[tuple[int, int, int]]) -> list[triton.Config]:
 
 def _tile_floats(config: triton.Config, kwargs: dict, kind: str, esize: int) -> float:
     """Tile values per thread (in fp32 registers) a config keeps live, roughly: "fwd" the BLOCK_M x BLOCK_D
-    accumulator, Q tile and two BLOCK_M x BLOCK_N score tiles; "dq" its accumulator, Q and dO tiles and four
-    score-sized tiles; "dkdv" the two BLOCK_N x BLOCK_D accumulators, four score-sized tiles, the Q and dO
-    tiles, and when FUSED also O and dQ."""
+    accumulator, Q tile and two BLOCK_M x BLOCK_N score tiles; "dq" its accumulator and one score tile (no
+    dQ config spilled with 16-bit operands); "dkdv" the two BLOCK_N x BLOCK_D accumulators, four score-sized
+    tiles, the Q and dO tiles, and when FUSED also O and dQ."""
     m, n, d = config.kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"]
     if kind == "fwd":
         floats = m * (d + 2 * n) + m * d * esize / 4
     elif kind == "dq":
-        floats = m * (3 * d + 3 * n)
+        floats = m * (d + n)
     else:
         floats = n * (2 * d + 3 * m) + m * d * (4 if kwargs["FUSED"] else 2)
     return floats / (32 * config.num_warps)
