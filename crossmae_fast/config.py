@@ -29,6 +29,7 @@ ATTENTIVE_TOKENS = ("topk", "zero", "random")
 QUERIES = ("learnable", "empty", "target-tokens")
 OPS = ("auto", "triton", "reference")
 LOSS_ON = ("masked", "visible")
+CONTRASTIVE_INPUTS = ("masked", "unmasked")
 LOADERS = ("dali", "torch")
 PRECISIONS = ("auto", "bf16", "fp32")
 PAPER_BLR = 1.5e-4
@@ -49,7 +50,10 @@ PRESETS: dict[str, dict[str, dict]] = {
     "tiny": {
         "model": dict(image_size=64, image_patch=8, audio_frames=256, audio_bins=64, audio_patch=16,
                       embed_dim=128, depth=4, num_heads=4, decoder_dim=64, decoder_depth=2, decoder_heads=2,
-                      emb_decoder_depth=1),
+                      emb_decoder_depth=1,
+                      # the contrastive term on the unmasked encoders learns retrieval several times
+                      # faster in short CPU runs (benchmarks/results/learning_experiments.md)
+                      contrastive_inputs="unmasked"),
         "train": dict(blr=1.5e-3),
     },
     "base": {"model": dict(embed_dim=768, depth=12, num_heads=12)},
@@ -109,6 +113,10 @@ class ModelConfig:
     recon_loss_on: str = opt("masked", "patches the reconstruction loss averages over", choices=LOSS_ON)
     temperature: float = opt(0.05, "contrastive (InfoNCE) temperature")
     contrastive_weight: float = opt(0.1, "weight of the contrastive term in the total loss")
+    contrastive_inputs: str = opt("masked", "encoder outputs the contrastive term compares: 'masked' (the CLS of "
+                                  "the masked passes, CAV-MAE's choice, no extra cost) or 'unmasked' (the CLS of "
+                                  "an unmasked pass with gradients, as evaluation sees the clips; that pass also "
+                                  "gives the Cross-Embedding targets)", choices=CONTRASTIVE_INPUTS)
     attentive_tokens: str = opt("topk", "Attentive Tokens ablation (paper Table 6)", choices=ATTENTIVE_TOKENS)
     queries: str = opt("learnable", "Learnable Queries ablation (paper Table 7)", choices=QUERIES)
     # implementation
@@ -131,6 +139,10 @@ class ModelConfig:
                 raise ValueError(f"{name}={dim} must be divisible by its head count {heads}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio={self.mask_ratio} must lie in (0, 1)")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature} must be positive")
+        if not self.contrastive_weight >= 0:
+            raise ValueError(f"contrastive_weight={self.contrastive_weight} must not be negative")
         if not 0.0 < self.topk_ratio <= 1.0:
             raise ValueError(f"topk_ratio={self.topk_ratio} must lie in (0, 1]")
         terms = VARIANTS[self.variant]
@@ -204,9 +216,12 @@ class DataConfig:
     audio_bins: int = opt(128, "mel bins: the model's audio_bins", follows="model")
     frame_shift_ms: float = opt(10.0, "fbank frame shift in ms")
     frame_length_ms: float = opt(25.0, "fbank window length in ms")
-    # AudioMAE's statistics would be audio_mean=-4.2677393, audio_std=2 * 4.5689974.
-    audio_mean: float = opt(AUDIOSET_FBANK_MEAN, "fbank mean subtracted before dividing by --audio-std")
-    audio_std: float = opt(AUDIOSET_FBANK_STD, "fbank standard deviation the features are divided by")
+    # None: the train manifest's statistics (data/normalisation.py), else AudioSet's. AudioMAE's
+    # would be audio_mean=-4.2677393, audio_std=2 * 4.5689974.
+    audio_mean: float | None = opt(None, "fbank mean subtracted before dividing by --audio-std; default: the train "
+                                   "manifest's statistics (prepare and synth store them), else AudioSet's -5.081")
+    audio_std: float | None = opt(None, "fbank standard deviation the features are divided by; default: as "
+                                  "--audio-mean (AudioSet's 4.4849)")
     image_size: int = opt(224, "frame side after resize and centre crop: the model's image_size", follows="model")
     image_mean: tuple[float, float, float] = opt(IMAGENET_MEAN, "per-channel RGB mean (0-1 scale)")
     image_std: tuple[float, float, float] = opt(IMAGENET_STD, "per-channel RGB standard deviation")
@@ -220,10 +235,15 @@ class DataConfig:
             raise ValueError("image_mean and image_std need 3 values (R, G, B)")
         if self.workers < 0:
             raise ValueError(f"workers={self.workers} must not be negative")
-        if not (self.audio_std > 0 and min(self.image_std) > 0):
+        if not ((self.audio_std is None or self.audio_std > 0) and min(self.image_std) > 0):
             raise ValueError("audio_std and image_std must be positive")
         if not 0 <= self.eval_frame < self.num_frames:
             raise ValueError(f"eval_frame={self.eval_frame} must lie in [0, num_frames={self.num_frames})")
+
+    def audio_norm(self) -> tuple[float, float]:
+        """(mean, std) the fbank is normalised with; AudioSet's where unset (loaders resolve them first)."""
+        mean = AUDIOSET_FBANK_MEAN if self.audio_mean is None else self.audio_mean
+        return mean, AUDIOSET_FBANK_STD if self.audio_std is None else self.audio_std
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

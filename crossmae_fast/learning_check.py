@@ -1,32 +1,42 @@
-"""Learning check (issue 6): does the `tiny` preset learn the synthetic set on a CPU in minutes?
+"""Learning check: does what this toolkit trains learn, beyond its controls?
 
-    python -m crossmae_fast.learning_check [--out DIR] [--variants crossmae cl-av] [--steps N]
-        [--batch-size B] [--lr LR] [--clips N] [--seconds S] [--report PREFIX]
+    python -m crossmae_fast.learning_check [--out DIR] [--steps N] [--seeds 0 1] [--random-inits 3]
+        [--jobs 2] [--report PREFIX]
 
-Writes a synthetic set (`crossmae_fast.synth`; its last quarter is the held-out eval split), then for
-each variant runs `python -m crossmae_fast.pretrain` on the train split and
-`python -m crossmae_fast.evaluate` on the eval split, as subprocesses, recording the exact commands.
-Thresholds: retrieval R@10 in both directions at least 3x chance (10 / eval clips), and mean cIoU at
-least 1.5x that of a uniform map (which selects every pixel, so its cIoU is the box-area fraction).
-Writes `results.json` and `results.md` (a table of the variants side by side, PASS/FAIL per threshold)
-into `--out`, and with `--report PREFIX` also `PREFIX.json` / `PREFIX.md`. Exit status 0 whatever the
-verdict (it is data), 2 when a step fails.
+1. The synthetic set of the `tiny` recipe (cached; its eval split is held out).
+2. `python -m crossmae_fast.pretrain` trains `crossmae` and `cl-av` once per training seed, as
+   subprocesses (`--jobs` at a time, one torch thread each), with the tiny preset's recipe.
+3. Every trained model and `--random-inits` randomly initialised ones (the control) are evaluated
+   the same way (`crossmae_fast.eval.evaluator.evaluate`): retrieval R@1/5/10 both ways, the
+   zero-shot localization map, and the localization probe (one per probe seed), each map with its
+   controls: uniform-map cIoU, selection accuracy and its chance level, cIoU against a non-sounding
+   object's box, and the map from a mismatched clip's audio.
+
+Targets (every training seed must pass): retrieval R@10 at least 3x chance in both directions, for
+`crossmae` and for `cl-av`; `crossmae`'s probe selection accuracy (mean over probe seeds) at least 0.6
+and at least the best random init's + 0.10, with the mismatched-audio selection within 0.1 of chance.
+Writes `results.json` / `results.md` into `--out` (and `PREFIX.json` / `PREFIX.md` with `--report`):
+the models side by side and PASS/FAIL per target. Exit status 0 whatever the verdict (it is data),
+2 when a step fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from crossmae_fast.data.synthetic import cached_synthetic_set
-
 RETRIEVAL_FACTOR = 3.0
-LOCALIZATION_FACTOR = 1.5
+PROBE_MIN = 0.6
+PROBE_MARGIN = 0.10
+MISMATCH_TOLERANCE = 0.10
+VARIANTS = ("crossmae", "cl-av")
 
 
 def run_logged(cmd: list[str], log: Path) -> float:
@@ -40,119 +50,205 @@ def run_logged(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t0
 
 
-def verdict(metrics: dict) -> dict[str, dict]:
-    """Each threshold's value, bar and pass/fail from an `evaluate` metrics.json."""
-    chance = metrics["retrieval_chance"]["r10"]
-    out = {f"{d}_r10": {"value": metrics["retrieval"][d]["r10"], "bar": RETRIEVAL_FACTOR * chance}
-           for d in ("a2v", "v2a")}
-    loc = metrics["localization"]
-    if loc:
-        out["ciou"] = {"value": loc["ciou"], "bar": LOCALIZATION_FACTOR * loc["uniform_map_ciou"]}
-    for v in out.values():
-        v["pass"] = v["value"] >= v["bar"]
+def probe_selection(metrics: dict) -> tuple[float, float, float] | None:
+    """(selection accuracy, mismatched-audio selection accuracy, chance), means over probe seeds."""
+    mean = (metrics.get("probe") or {}).get("mean") or {}
+    if "selection_accuracy" not in mean:
+        return None
+    return mean["selection_accuracy"], mean.get("mismatched_selection_accuracy", float("nan")), mean["selection_chance"]
+
+
+def targets(models: dict[str, dict]) -> list[dict]:
+    """Each target's check per model it concerns: value, bar, pass."""
+    out = []
+    for variant in VARIANTS:
+        for name, m in models.items():
+            if m["variant"] != variant or m["random_init"]:
+                continue
+            met = m["metrics"]
+            bar = RETRIEVAL_FACTOR * met["retrieval_chance"]["r10"]
+            for d, label in (("a2v", "A->V"), ("v2a", "V->A")):
+                value = met["retrieval"][d]["r10"]
+                out.append({"target": f"{variant}: {label} R@10 >= {RETRIEVAL_FACTOR:g}x chance", "model": name,
+                            "value": value, "bar": bar, "pass": value >= bar})
+    random_sel = [s[0] for m in models.values() if m["random_init"] and (s := probe_selection(m["metrics"]))]
+    best_random = max(random_sel) if random_sel else float("nan")
+    for name, m in models.items():
+        if m["variant"] != "crossmae" or m["random_init"]:
+            continue
+        sel = probe_selection(m["metrics"])
+        if sel is None:
+            continue
+        acc, mismatched, chance = sel
+        bar = max(PROBE_MIN, best_random + PROBE_MARGIN)
+        out.append({"target": f"crossmae: probe selection >= {PROBE_MIN:g} and >= best random init "
+                    f"+ {PROBE_MARGIN:g}", "model": name, "value": acc, "bar": bar, "pass": acc >= bar})
+        out.append({"target": f"crossmae: mismatched-audio probe selection within {MISMATCH_TOLERANCE:g} of "
+                    "chance", "model": name, "value": mismatched, "bar": chance,
+                    "pass": abs(mismatched - chance) <= MISMATCH_TOLERANCE})
     return out
 
 
+def _f(x, digits: int = 3) -> str:
+    return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
 def markdown(results: dict) -> str:
-    """The variants side by side, then PASS/FAIL per threshold, then the commands."""
-    runs = results["variants"]
-    names = list(runs)
-    rows = [("A->V R@1", "a2v", "r1"), ("A->V R@5", "a2v", "r5"), ("A->V R@10", "a2v", "r10"),
-            ("V->A R@1", "v2a", "r1"), ("V->A R@5", "v2a", "r5"), ("V->A R@10", "v2a", "r10")]
+    """The models side by side (metrics with their chance levels and controls), then the targets."""
+    models = results["models"]
+    names = list(models)
+    first = models[names[0]]["metrics"]
     lines = [f"| metric | {' | '.join(names)} |", "|---|" + "---:|" * len(names)]
-    for label, d, k in rows:
-        lines.append(f"| {label} | " + " | ".join(f"{runs[n]['metrics']['retrieval'][d][k]:.4f}" for n in names) + " |")
-    first = runs[names[0]]["metrics"]
-    lines.append(f"| chance R@1/5/10 ({first['clips']} clips) | "
-                 + " | ".join(" / ".join(f"{v:.4f}" for v in runs[n]["metrics"]["retrieval_chance"].values())
-                              for n in names) + " |")
-    for label, key in (("mean cIoU", "ciou"), ("uniform-map cIoU", "uniform_map_ciou"), ("AP50", "ap50"),
-                       ("AUC", "auc")):
-        vals = [runs[n]["metrics"]["localization"] for n in names]
-        lines.append(f"| {label} | " + " | ".join(f"{v[key]:.4f}" if v else "-" for v in vals) + " |")
-    lines.append("| train steps / seconds | " + " | ".join(
-        f"{runs[n]['steps']} / {runs[n]['train_seconds']:.0f}" for n in names) + " |")
-    lines += ["", "| threshold | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    labels = {"a2v_r10": f"A->V R@10 >= {RETRIEVAL_FACTOR:g}x chance",
-              "v2a_r10": f"V->A R@10 >= {RETRIEVAL_FACTOR:g}x chance",
-              "ciou": f"mean cIoU >= {LOCALIZATION_FACTOR:g}x uniform map"}
-    for key, label in labels.items():
+
+    def row(label: str, get) -> None:
         cells = []
         for n in names:
-            v = runs[n]["verdict"].get(key)
-            cells.append(f"{'PASS' if v['pass'] else 'FAIL'} ({v['value']:.4f} vs {v['bar']:.4f})" if v else "-")
+            try:
+                cells.append(get(models[n]))
+            except (KeyError, TypeError):
+                cells.append("-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    for d, label in (("a2v", "A->V"), ("v2a", "V->A")):
+        for k in ("r1", "r5", "r10"):
+            row(f"{label} R@{k[1:]}", lambda m, d=d, k=k: _f(m["metrics"]["retrieval"][d][k]))
+    chance = first["retrieval_chance"]
+    lines.append(f"| chance R@1 / 5 / 10 ({first['clips']} clips) | "
+                 + " | ".join([" / ".join(_f(v) for v in chance.values())] * len(names)) + " |")
+    for kind, get in (("zero-shot map", lambda m: m["metrics"]["localization"]),
+                      ("probe (mean of seeds)", lambda m: m["metrics"]["probe"]["mean"])):
+        row(f"{kind}: cIoU / uniform cIoU", lambda m, g=get: _f(g(m)["ciou_x_uniform"], 2))
+        row(f"{kind}: selection accuracy", lambda m, g=get: _f(g(m)["selection_accuracy"]))
+        row(f"{kind}: non-sounding box cIoU / uniform", lambda m, g=get: _f(g(m)["nonsounding_ciou_x_uniform"], 2))
+        row(f"{kind}: mismatched audio, selection", lambda m, g=get: _f(g(m)["mismatched_selection_accuracy"]))
+        row(f"{kind}: mismatched audio, cIoU / uniform", lambda m, g=get: _f(g(m)["mismatched_ciou_x_uniform"], 2))
+    row("probe selection per probe seed", lambda m: " / ".join(
+        _f(s["selection_accuracy"]) for s in m["metrics"]["probe"]["seeds"].values()))
+    loc = first["localization"] or {}
+    lines.append("| selection chance (mean 1 / objects) | " + " | ".join([_f(loc.get("selection_chance"))] * len(names))
+                 + " |")
+    row("train steps / seconds",
+        lambda m: f"{m['steps']} / {m['train_seconds']:.0f}" if m["steps"] else "0 (random init)")
+    lines += ["", "| target | model | value | bar | verdict |", "|---|---|---:|---:|---|"]
+    for t in results["targets"]:
+        lines.append(f"| {t['target']} | {t['model']} | {_f(t['value'])} | {_f(t['bar'])} | "
+                     f"{'PASS' if t['pass'] else 'FAIL'} |")
     lines += ["", "Commands:", "", "```", results["command"]]
-    for n in names:
-        lines += [runs[n]["pretrain_command"], runs[n]["evaluate_command"]]
-    lines += ["```", "", f"Wall time {results['wall_seconds']:.0f} s ({results['host']})."]
+    lines += [m["pretrain_command"] for m in models.values() if m.get("pretrain_command")]
+    lines += ["```", "", f"Wall time {results['wall_seconds']:.0f} s (training {results['train_wall_seconds']:.0f} s, "
+              f"evaluation {results['eval_wall_seconds']:.0f} s; {results['host']})."]
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m crossmae_fast.learning_check",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/learning_check", help="output folder")
-    ap.add_argument("--variants", nargs="+", default=["crossmae", "cl-av"])
-    ap.add_argument("--steps", type=int, default=200, help="optimisation steps per variant")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-4, help="absolute peak learning rate")
-    ap.add_argument("--warmup", default="5%")
-    ap.add_argument("--clips", type=int, default=512, help="synthetic clips; a quarter are held out")
-    ap.add_argument("--seconds", type=float, default=3.0, help="audio seconds per clip")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the set and of training")
-    ap.add_argument("--loader", choices=("torch", "dali"), default="torch")
-    ap.add_argument("--ops", choices=("auto", "triton", "reference"), default="reference")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: pretrain's choice)")
+    ap.add_argument("--steps", type=int, default=600, help="optimisation steps per training run (default 600)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
+    ap.add_argument("--random-inits", type=int, default=3, help="randomly initialised control models (default 3)")
+    ap.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1], help="probe seeds (default 0 1)")
+    ap.add_argument("--probe-steps", type=int, default=300, help="probe training steps (default 300)")
+    ap.add_argument("--clips", type=int, help="synthetic clips (default: the pretrain default)")
+    ap.add_argument("--jobs", type=int, default=2, help="training runs at a time (default 2)")
+    ap.add_argument("--loader", choices=("torch", "dali"), default="dali")
+    ap.add_argument("--workers", type=int, default=1, help="data loader workers per run (default 1)")
     ap.add_argument("--report", help="also write PREFIX.json and PREFIX.md (e.g. benchmarks/results/learning_check)")
-    a = ap.parse_args(argv)
+    ap.add_argument("--extra", default="", help="more pretrain options for every training run, one string")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    import torch
+
+    from crossmae_fast.config import data_config, model_config
+    from crossmae_fast.data import normalisation
+    from crossmae_fast.data.synthetic import cached_synthetic_set
+    from crossmae_fast.eval.evaluator import checkpoint_data_config, evaluate, load_model
+    from crossmae_fast.eval.probe import ProbeConfig
+    from crossmae_fast.model import CrossMAE
+
+    torch.set_num_threads(1)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    recipe = _recipe()
+    clips = a.clips or recipe["synth_clips"]
+    mcfg = model_config("tiny", "crossmae")
+    paths = cached_synthetic_set(clips, seed=0, seconds=recipe["synth_seconds"], image_size=mcfg.image_size)
     py = sys.executable
+    jobs = {}
+    for variant in VARIANTS:
+        for seed in a.seeds:
+            name = f"{variant} s{seed}"
+            run_dir = out / f"{variant}-s{seed}"
+            cmd = [py, "-m", "crossmae_fast.pretrain", "--data", str(paths["train"]), "--preset", "tiny",
+                   "--variant", variant, "--steps", str(a.steps), "--seed", str(seed), "--loader", a.loader,
+                   "--workers", str(a.workers), "--threads", "1", "--out", str(run_dir), "--resume", "auto",
+                   "--save-every", "0", "--keep", "1", "--log-every", "50", "--no-export-encoders",
+                   *shlex.split(a.extra)]
+            jobs[name] = (variant, run_dir, cmd)
     try:
-        paths = cached_synthetic_set(a.clips, a.seed, seconds=a.seconds, image_size=64, root=out)
-        runs = {}
-        for v in a.variants:
-            run_dir = out / v
-            train = [py, "-m", "crossmae_fast.pretrain", "--data", str(paths["train"]), "--preset", "tiny",
-                     "--variant", v, "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
-                     "--warmup", a.warmup, "--seed", str(a.seed), "--loader", a.loader, "--ops", a.ops,
-                     "--workers", str(a.workers), "--threads", str(a.threads), "--out", str(run_dir),
-                     "--save-every", "0", "--keep", "1", "--log-every", "25", "--no-export-encoders"]
-            evaluate = [py, "-m", "crossmae_fast.evaluate", "--checkpoint", str(run_dir), "--data",
-                        str(paths["eval"]), "--out", str(run_dir / "eval"), "--loader", a.loader,
-                        "--pictures", "0", "--workers", str(a.workers)]
-            print(f"[{v}] {shlex.join(train)}", flush=True)
-            train_s = run_logged(train, run_dir.with_name(f"{v}.pretrain.log"))
-            print(f"[{v}] trained in {train_s:.0f} s; {shlex.join(evaluate)}", flush=True)
-            eval_s = run_logged(evaluate, run_dir.with_name(f"{v}.evaluate.log"))
-            metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-            runs[v] = {"steps": a.steps, "train_seconds": train_s, "eval_seconds": eval_s, "metrics": metrics,
-                       "verdict": verdict(metrics), "pretrain_command": shlex.join(["python", *train[1:]]),
-                       "evaluate_command": shlex.join(["python", *evaluate[1:]])}
-    except (RuntimeError, OSError, ValueError) as e:
+        with ThreadPoolExecutor(max(1, a.jobs)) as pool:
+            futures = {}
+            for name, (_, run_dir, cmd) in jobs.items():
+                print(f"[{name}] {shlex.join(cmd)}", flush=True)
+                futures[name] = pool.submit(run_logged, cmd, out / f"{run_dir.name}.pretrain.log")
+            seconds = {name: f.result() for name, f in futures.items()}
+    except (RuntimeError, OSError) as e:
         print(f"learning_check: error: {e}", file=sys.stderr)
         return 2
-    results = {"command": shlex.join(["python", "-m", "crossmae_fast.learning_check", *sys.argv[1:]])
-               if argv is None else shlex.join(["python", "-m", "crossmae_fast.learning_check", *argv]),
-               "args": vars(a), "synth": json.loads((paths["train"].parent / "synth.json").read_text())["chance"],
-               "thresholds": {"retrieval_r10_x_chance": RETRIEVAL_FACTOR, "ciou_x_uniform": LOCALIZATION_FACTOR},
-               "wall_seconds": time.perf_counter() - t0, "host": _host(), "variants": runs}
+    t_train = time.perf_counter() - t0
+    for name, s in seconds.items():
+        print(f"[{name}] trained in {s:.0f} s", flush=True)
+
+    probe = ProbeConfig(steps=a.probe_steps, seeds=tuple(a.probe_seeds))
+    models = {}
+    random_cfg = normalisation.resolve(data_config(mcfg), paths["train"])
+    evals = {name: (variant, run_dir) for name, (variant, run_dir, _) in jobs.items()}
+    evals.update({f"random {k}": ("crossmae", None) for k in range(a.random_inits)})
+    t1 = time.perf_counter()
+    for name, (variant, run_dir) in evals.items():
+        if run_dir is not None:
+            model, dcfg = load_model(run_dir), checkpoint_data_config(run_dir)
+        else:
+            torch.manual_seed(1000 + int(name.split()[1]))
+            model, dcfg = CrossMAE(mcfg).eval(), random_cfg
+        metrics = evaluate(model, paths["eval"], batch_size=64, backend=a.loader, num_workers=a.workers,
+                           data_cfg=dcfg, probe=probe, probe_data=paths["train"])
+        sel = probe_selection(metrics)
+        print(f"[{name}] R@10 {metrics['retrieval']['a2v']['r10']:.3f} / {metrics['retrieval']['v2a']['r10']:.3f}; "
+              f"probe selection {_f(sel and sel[0])}", flush=True)
+        models[name] = {"variant": variant, "random_init": run_dir is None, "metrics": metrics,
+                        "steps": 0 if run_dir is None else a.steps, "train_seconds": seconds.get(name, 0.0),
+                        "pretrain_command": shlex.join(["python", *jobs[name][2][1:]]) if name in jobs else None}
+    argv_shown = sys.argv[1:] if argv is None else argv
+    results = {"command": shlex.join(["python", "-m", "crossmae_fast.learning_check", *argv_shown]),
+               "args": vars(a), "synth": {k: str(v) for k, v in paths.items()},
+               "thresholds": {"retrieval_r10_x_chance": RETRIEVAL_FACTOR, "probe_selection_min": PROBE_MIN,
+                              "probe_margin_over_best_random": PROBE_MARGIN,
+                              "mismatched_tolerance": MISMATCH_TOLERANCE},
+               "models": models, "targets": targets(models), "wall_seconds": time.perf_counter() - t0,
+               "train_wall_seconds": t_train, "eval_wall_seconds": time.perf_counter() - t1, "host": _host()}
     table = markdown(results)
-    targets = [out / "results"] + ([Path(a.report)] if a.report else [])
-    for prefix in targets:
+    for prefix in [out / "results"] + ([Path(a.report)] if a.report else []):
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        prefix.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+        prefix.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
         prefix.with_suffix(".md").write_text("# Learning check: tiny preset on the synthetic set\n\n" + table)
     print(table)
     return 0
 
 
-def _host() -> str:
-    import os
+def _recipe() -> dict:
+    """The default run's synthetic-set size (the tiny recipe)."""
+    from crossmae_fast.train.step import TrainConfig
 
+    t = TrainConfig()
+    return {"synth_clips": t.synth_clips, "synth_seconds": t.synth_seconds}
+
+
+def _host() -> str:
     import torch
 
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"

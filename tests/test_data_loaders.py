@@ -108,7 +108,8 @@ def epoch(manifest, backend, **kw) -> dict[str, torch.Tensor]:
 
 
 def logmel(audio: torch.Tensor) -> torch.Tensor:
-    return audio * CFG.audio_std + CFG.audio_mean
+    mean, std = CFG.audio_norm()
+    return audio * std + mean
 
 
 @needs_dali

@@ -223,3 +223,56 @@ def test_triton_ops_refuse_to_fall_back(monkeypatch):
     model = CrossMAE(model_config("tiny", ops="triton"))
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         model(*inputs(model.cfg))
+
+
+def test_unmasked_contrastive_shares_the_target_pass():
+    """contrastive_inputs='unmasked': the contrastive features are the unmasked encoders' CLS (eq. 1 on
+    what evaluation sees), with gradients; the Cross-Embedding targets come from the same pass, detached."""
+    model = tiny("crossmae", contrastive_inputs="unmasked")
+    audio, image = inputs(model.cfg, batch=4)
+    out = model(audio, image)
+    a, v, _ = model.eval_features(audio, image)
+    torch.testing.assert_close(out["audio_global"], a)
+    torch.testing.assert_close(out["contrastive"], contrastive_loss(a, v, model.cfg.temperature))
+    calls = []
+    hook = model.audio_encoder.register_forward_hook(lambda m, i, o: calls.append(o.mask is None))
+    model(audio, image)
+    hook.remove()
+    assert sorted(calls) == [False, True]  # one masked and one unmasked pass, not a third for the targets
+    out["contrastive"].backward()
+    assert model.audio_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_unmasked_contrastive_cl_av_runs_no_masked_pass():
+    model = tiny("cl-av", contrastive_inputs="unmasked")
+    audio, image = inputs(model.cfg)
+    out = model(audio, image)
+    assert "audio_mask" not in out and set(out) >= {"contrastive", "loss", "audio_global"}
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    masked = tiny("cl-av", contrastive_inputs="masked")
+    assert masked(audio, image)["audio_mask"] is not None
+
+
+def test_targets_equal_between_input_modes():
+    """The Cross-Embedding term does not depend on where the contrastive features come from."""
+    audio, image = inputs(model_config("tiny"), batch=2)
+    noise = torch.rand(2, 64, generator=torch.Generator().manual_seed(1))
+    outs = [tiny("crossmae", contrastive_inputs=m)(audio, image, noise, noise) for m in ("masked", "unmasked")]
+    torch.testing.assert_close(outs[0]["cross_embedding"], outs[1]["cross_embedding"])
+    torch.testing.assert_close(outs[0]["cross_conditioned"], outs[1]["cross_conditioned"])
+    # the shared pass's targets are detached: the term's encoder gradients are those of the masked pass
+    grads = []
+    for mode in ("masked", "unmasked"):
+        model = tiny("crossmae", contrastive_inputs=mode)
+        model(audio, image, noise, noise)["cross_embedding"].backward()
+        grads.append(model.audio_encoder.blocks[0].attn.qkv.weight.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("kw", [dict(contrastive_inputs="both"), dict(temperature=0.0),
+                                dict(contrastive_weight=-1.0)])
+def test_invalid_contrastive_options(kw):
+    with pytest.raises(ValueError):
+        model_config("tiny", **kw)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from crossmae_fast.config import DataConfig
+from crossmae_fast.data import normalisation
 from crossmae_fast.data.manifest import frame_path, read_manifest
 from crossmae_fast.data.media import VideoIndex, index_video
 
@@ -110,6 +111,7 @@ class ClipLoader:
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
+        data_config = normalisation.resolve(data_config, manifest)
         self.clips = ClipSet(manifest, data_config)
         self.cfg, self.batch_size, self.train = data_config, batch_size, train
         self.device, self.rank, self.world_size = device, rank, world_size

@@ -87,7 +87,8 @@ def log_mel(audio, cfg: DataConfig, gpu: bool):
     keep = fn.cast(frames > 0, dtype=types.FLOAT)
     logmel = logmel * (keep.gpu() if gpu else keep)
     logmel = fn.slice(logmel, start=[0], shape=[cfg.audio_frames], axes=[0], out_of_bounds_policy="pad")
-    return (logmel - cfg.audio_mean) * (1.0 / cfg.audio_std)
+    mean, std = cfg.audio_norm()
+    return (logmel - mean) * (1.0 / std)
 
 
 def resize_center_crop(image, shape, size: int):

@@ -47,6 +47,7 @@ from crossmae_fast.data.media import (
     save_jpeg,
     write_audio,
 )
+from crossmae_fast.data.normalisation import STATS_KEY, fbank_stats
 
 VIDEO_SUFFIXES = frozenset(
     ".mp4 .m4v .mkv .webm .avi .mov .mpg .mpeg .flv .wmv .3gp .ts .mts .ogv".split()
@@ -323,7 +324,9 @@ def prepare(
             pool.terminate()
             pool.join()
 
-    write_manifest(out / "manifest.json", [rows[c.video_id] for c in clips if c.video_id in rows])
+    kept = [rows[c.video_id] for c in clips if c.video_id in rows]
+    stats = fbank_stats([out / r["wav"] for r in kept], split="all") if kept else None
+    write_manifest(out / "manifest.json", kept, **({STATS_KEY: stats} if stats else {}))
     order = {c.video_id: j for j, c in enumerate(clips)}
     failures.sort(key=lambda f: order[f["video_id"]])
     tmp = out / ".failures.jsonl.tmp"

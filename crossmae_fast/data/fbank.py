@@ -40,7 +40,8 @@ def pad_or_crop(fbank: torch.Tensor, frames: int) -> torch.Tensor:
 def audio_features(wave: np.ndarray | torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     """Normalised, fixed-length fbank `[audio_frames, audio_bins]` float32."""
     fbank = pad_or_crop(kaldi_fbank(wave, cfg), cfg.audio_frames)
-    return (fbank - cfg.audio_mean) / cfg.audio_std
+    mean, std = cfg.audio_norm()
+    return (fbank - mean) / std
 
 
 def image_features(img: Image.Image, cfg: DataConfig) -> torch.Tensor:

@@ -75,10 +75,11 @@ def read_manifest(path: str | os.PathLike, resolve: bool = True) -> list[dict]:
     return rows
 
 
-def write_manifest(path: str | os.PathLike, rows: list[dict]) -> Path:
-    """Validate and write `{"data": rows}` atomically (temporary file in the same folder, then rename)."""
+def write_manifest(path: str | os.PathLike, rows: list[dict], **extra) -> Path:
+    """Validate and write `{"data": rows, **extra}` atomically (temporary file in the same folder, then
+    rename). `extra`: top-level keys beside the rows, e.g. `fbank_stats` (data/normalisation.py)."""
     path = Path(path)
-    manifest = {"data": list(rows)}
+    manifest = {"data": list(rows), **extra}
     validate(manifest, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -53,6 +53,7 @@ from PIL import Image
 from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
 from crossmae_fast.data.manifest import frame_path, write_manifest
 from crossmae_fast.data.media import frame_indices, require, save_jpeg, write_audio
+from crossmae_fast.data.normalisation import STATS_KEY, fbank_stats
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {"red": (220, 50, 50), "green": (50, 190, 70), "blue": (50, 90, 230), "yellow": (235, 205, 50)}
@@ -259,7 +260,10 @@ def make_synthetic_set(
     if 0 < eval_fraction < 1 and clips >= 2:
         n_eval = min(clips - 1, max(1, n_eval))
     splits = {"train": rows[: clips - n_eval], "eval": rows[clips - n_eval:]}
-    paths = {name: write_manifest(out / f"{name}.json", split) for name, split in splits.items()}
+    # the train split's fbank statistics, stored with both manifests (evaluation normalises as training)
+    stats = fbank_stats([out / r["wav"] for r in splits["train"]]) if splits["train"] else None
+    extra = {STATS_KEY: stats} if stats else {}
+    paths = {name: write_manifest(out / f"{name}.json", split, **extra) for name, split in splits.items()}
 
     (out / "class_labels_indices.csv").write_text(
         "index,mid,display_name\n" + "".join(f"{i},{c},{c}\n" for i, c in enumerate(CLASSES))

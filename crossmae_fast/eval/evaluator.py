@@ -19,6 +19,7 @@ left out.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -31,16 +32,10 @@ from crossmae_fast.data import make_loader
 from crossmae_fast.data.box_annotations import center_crop_boxes
 from crossmae_fast.data.manifest import frame_path, read_manifest
 from crossmae_fast.eval import pictures
-from crossmae_fast.eval.metrics import (
-    RECALL_AT,
-    ciou,
-    gt_from_boxes,
-    localization_map,
-    normalize_maps,
-    retrieval_report,
-    summarize_ciou,
-)
-from crossmae_fast.train.checkpoint import latest_checkpoint, model_from_checkpoint
+from crossmae_fast.eval.localization import ClipBoxes, MapScores, clip_boxes
+from crossmae_fast.eval.metrics import RECALL_AT, localization_map, normalize_maps, retrieval_report
+from crossmae_fast.eval.probe import ProbeConfig, fit_probe, frozen_features
+from crossmae_fast.train.checkpoint import latest_checkpoint, load_checkpoint, model_from_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +58,19 @@ def load_model(checkpoint: str | Path) -> torch.nn.Module:
                          f"(torch.load: {type(e.__cause__).__name__})") from e
 
 
+def checkpoint_data_config(checkpoint: str | Path) -> DataConfig | None:
+    """The data config a run trained with (its fbank normalisation included), as its checkpoint records
+    it; None for a checkpoint that records none."""
+    path = Path(checkpoint)
+    path = latest_checkpoint(path) if path.is_dir() else path
+    state = load_checkpoint(path)
+    saved = state.get("data_config") or (state.get("config") or {}).get("data")
+    if not saved:
+        return None
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    return DataConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in known})
+
+
 def frame_size(row: dict, frame: int) -> tuple[int, int] | None:
     """(width, height) of the evaluation frame's JPEG, read from its header; None if unreadable."""
     try:
@@ -72,33 +80,44 @@ def frame_size(row: dict, frame: int) -> tuple[int, int] | None:
         return None
 
 
-def ground_truth(row: dict, size: int, mode: str, frame: int) -> torch.Tensor:
-    """The row's ground-truth map on the centre-cropped frame the model sees."""
+def boxes_of(row: dict, size: int, mode: str, frame: int) -> ClipBoxes:
+    """The row's targets on the centre-cropped frame the model sees."""
     wh = frame_size(row, frame)
     if wh is None:
         log.warning("%s: frame %d unreadable, taking its boxes as given on a square frame",
                     row["video_id"], frame)
-    boxes = center_crop_boxes(row["bbox"], *wh) if wh else row["bbox"]
-    if not boxes:
+    clip = clip_boxes(row, size, mode, wh)
+    if not clip.gt.any():
         log.warning("%s: every box falls outside the centre crop; its cIoU is 0", row["video_id"])
-    return gt_from_boxes(boxes, size, mode).float()
+    return clip
 
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path | None = None,
              pictures_k: int = 0, batch_size: int = 32, device: str = "cpu", backend: str = "dali",
              gt_mode: str = "vggss", map_size: int = 224, num_workers: int = 2, seed: int = 0,
-             checkpoint: str | Path | None = None, data: DataConfig | None = None) -> dict:
-    """Retrieval and (where the manifest has boxes) localization metrics; pictures of `pictures_k` clips.
-    With `out_dir`, the pictures and then `metrics.json` (the returned dict) are written there. `data`:
-    the input settings the model was trained with (default: `data_config(model.cfg)`)."""
+             checkpoint: str | Path | None = None, data_cfg: DataConfig | None = None,
+             probe: ProbeConfig | None = None, probe_data: str | Path | None = None) -> dict:
+    """Retrieval and (where the manifest has boxes) localization metrics with their controls; pictures
+    of `pictures_k` clips. `data_cfg`: the run's (its fbank normalisation); by default the model's
+    sizes with the manifest's statistics. With `probe` and `probe_data` (a train manifest) the
+    localization probe is trained once per probe seed and scored like the zero-shot map. With
+    `out_dir`, the pictures and then `metrics.json` (the returned dict) are written there."""
     model.eval()
     cfg = model.cfg
-    dcfg = data if data is not None else data_config(cfg)
+    dcfg = data_cfg or data_config(cfg)
     rows = read_manifest(manifest)
+    heads = {}
+    if probe is not None and probe_data is not None:
+        probe_loader = make_loader(probe_data, backend=backend, batch_size=batch_size, train=False,
+                                   data_config=dcfg, device=device, num_workers=num_workers, seed=seed)
+        train_a, train_p = frozen_features(model, probe_loader, probe.max_clips)
+        heads = {s: fit_probe(train_a, train_p, probe, s) for s in probe.seeds}
+        log.info("localization probe: %d heads trained on %d clips of %s", len(heads), len(train_a), probe_data)
     loader = make_loader(manifest, backend=backend, batch_size=batch_size, train=False, data_config=dcfg,
                          device=device, num_workers=num_workers, seed=seed)
-    feats_a, feats_v, seen, scores, uniform, keep = {}, {}, set(), [], [], {}
+    feats_a, feats_v, seen, keep = {}, {}, set(), {}
+    zero_shot, probed = MapScores(), {s: MapScores() for s in heads}
     want = _picture_rows(rows, pictures_k)
     for batch in loader:
         audio, image, index = batch["audio"], batch["image"], batch["index"].tolist()
@@ -116,11 +135,10 @@ def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path |
         maps = {}
         if boxed:
             b = torch.tensor(boxed, device=audio.device)
-            m = localization_map(a[b], patches[b], cfg.image_grid, map_size)
-            gt = torch.stack([ground_truth(rows[index[i]], map_size, gt_mode, dcfg.eval_frame)
-                              for i in boxed])
-            scores.append(ciou(m.cpu(), gt))
-            uniform.append(ciou(torch.zeros_like(gt), gt))
+            clips = [boxes_of(rows[index[i]], map_size, gt_mode, dcfg.eval_frame) for i in boxed]
+            m = _score(zero_shot, a[b], patches[b], clips, cfg.image_grid, map_size)
+            for s, h in heads.items():
+                _score(probed[s], *h(a[b].float(), patches[b].float()), clips, cfg.image_grid, map_size)
             maps = {index[i]: m[k].cpu() for k, i in enumerate(boxed)}
         for i, r in enumerate(index):
             if r in want:
@@ -136,13 +154,16 @@ def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path |
                                       torch.stack([feats_v[r] for r in order])),
         "retrieval_chance": {f"r{k}": min(k / n, 1.0) for k in RECALL_AT},
         "localization": None,
+        "audio_norm": list(dcfg.audio_norm()) if dcfg.audio_mean is not None else None,
     }
     if checkpoint is not None:
         result["checkpoint"] = str(checkpoint)
-    if scores:
-        s, u = torch.cat(scores), torch.cat(uniform)
-        result["localization"] = {**summarize_ciou(s), "clips": s.numel(), "gt_mode": gt_mode,
-                                  "uniform_map_ciou": u.mean().item()}
+    if zero_shot.ciou:
+        result["localization"] = {**zero_shot.summary(), "gt_mode": gt_mode}
+    if probed and zero_shot.ciou:
+        per_seed = {str(s): p.summary() for s, p in probed.items()}
+        result["probe"] = {"config": dataclasses.asdict(probe), "manifest": str(probe_data),
+                           "seeds": per_seed, "mean": _mean_of(per_seed.values())}
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -151,6 +172,22 @@ def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path |
                                                         dcfg.eval_frame, seed)]
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _score(scores: MapScores, audio: torch.Tensor, patches: torch.Tensor, clips: list, grid, size: int
+           ) -> torch.Tensor:
+    """Maps of a batch and their mismatched-audio twins (each clip paired with the next clip's audio)
+    into `scores`; returns the maps."""
+    maps = localization_map(audio, patches, grid, size)
+    other = localization_map(audio.roll(1, 0), patches, grid, size) if len(clips) > 1 else None
+    scores.add(maps, clips, other)
+    return maps
+
+
+def _mean_of(summaries) -> dict:
+    summaries = list(summaries)
+    return {k: sum(s[k] for s in summaries) / len(summaries) for k in summaries[0]
+            if all(isinstance(s.get(k), float) for s in summaries)}
 
 
 def _picture_rows(rows: list[dict], k: int) -> set[int]:
@@ -211,9 +248,25 @@ def format_tables(result: dict) -> str:
                      f"{m['mean_rank']:>9.1f}")
     loc = result["localization"]
     if loc:
-        lines += ["", f"localization over {loc['clips']} clips ({loc['gt_mode']} ground truth)",
-                  f"{'AP50':>8}{'cIoU':>8}{'AUC':>8}{'uniform cIoU':>14}",
-                  f"{loc['ap50']:>8.4f}{loc['ciou']:>8.4f}{loc['auc']:>8.4f}{loc['uniform_map_ciou']:>14.4f}"]
+        kinds = {"zero-shot": loc}
+        kinds.update({f"probe {s}": v for s, v in (result.get("probe") or {}).get("seeds", {}).items()})
+        sel = "selection_accuracy" in loc
+        chance = f", selection chance {loc['selection_chance']:.3f}" if sel else ""
+        lines += ["", f"localization over {loc['clips']} clips ({loc['gt_mode']} ground truth; uniform-map cIoU "
+                  f"{loc['uniform_map_ciou']:.4f}{chance}; mismatched: the next clip's audio)",
+                  f"{'map':<12}{'AP50':>7}{'cIoU':>8}{'AUC':>7}{'x unif':>8}{'mism x':>8}"
+                  + (f"{'select':>8}{'mism sel':>9}{'other x':>9}" if sel else "")]
+        for name, k in kinds.items():
+            line = (f"{name:<12}{k['ap50']:>7.3f}{k['ciou']:>8.4f}{k['auc']:>7.3f}{k['ciou_x_uniform']:>8.2f}"
+                    f"{k.get('mismatched_ciou_x_uniform', float('nan')):>8.2f}")
+            if sel:
+                line += (f"{k['selection_accuracy']:>8.3f}{k.get('mismatched_selection_accuracy', float('nan')):>9.3f}"
+                         f"{k['nonsounding_ciou_x_uniform']:>9.2f}")
+            lines.append(line)
+        if sel:
+            lines.append("x unif: cIoU / uniform-map cIoU; mism: from mismatched audio; select: the sounding object's "
+                         "box holds the highest mean map value; other x: cIoU against a non-sounding object's box / "
+                         "its uniform cIoU")
     else:
         lines += ["", "localization: the manifest has no boxes"]
     return "\n".join(lines)

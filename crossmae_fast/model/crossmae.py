@@ -295,15 +295,24 @@ class CrossMAE(nn.Module):
         if cfg.ops == "triton" and not use_triton(audio):
             raise ValueError("ops='triton' needs CUDA tensors or TRITON_INTERPRET=1; ops='auto' uses the "
                              "references on the CPU")
-        a = self.audio_encoder(audio.unsqueeze(1), cfg.mask_ratio, noise_audio)
-        v = self.image_encoder(image, cfg.mask_ratio, noise_image)
-        a_global = F.normalize(a.latent[:, 0].float(), dim=-1)
-        v_global = F.normalize(v.latent[:, 0].float(), dim=-1)
-        out: dict[str, torch.Tensor] = dict(
-            audio_global=a_global, image_global=v_global, audio_mask=a.mask, image_mask=v.mask,
-            audio_ids_restore=a.ids_restore, image_ids_restore=v.ids_restore,
-            audio_ids_keep=a.ids_keep, image_ids_keep=v.ids_keep,
-        )
+        unmasked = cfg.contrastive_inputs == "unmasked" and "contrastive" in terms
+        a = v = full_a = full_v = None
+        if not unmasked or terms - {"contrastive"}:
+            a = self.audio_encoder(audio.unsqueeze(1), cfg.mask_ratio, noise_audio)
+            v = self.image_encoder(image, cfg.mask_ratio, noise_image)
+        if unmasked or "cross_embedding" in terms:
+            # One unmasked pass of each encoder serves both the contrastive features (with gradients,
+            # when they come from here) and the Cross-Embedding targets (always detached).
+            with torch.set_grad_enabled(unmasked and torch.is_grad_enabled()):
+                full_a = self.audio_encoder(audio.unsqueeze(1)).latent
+                full_v = self.image_encoder(image).latent
+        a_cls, v_cls = (full_a[:, 0], full_v[:, 0]) if unmasked else (a.latent[:, 0], v.latent[:, 0])
+        a_global = F.normalize(a_cls.float(), dim=-1)
+        v_global = F.normalize(v_cls.float(), dim=-1)
+        out: dict[str, torch.Tensor] = dict(audio_global=a_global, image_global=v_global)
+        if a is not None:
+            out.update(audio_mask=a.mask, image_mask=v.mask, audio_ids_restore=a.ids_restore,
+                       image_ids_restore=v.ids_restore, audio_ids_keep=a.ids_keep, image_ids_keep=v.ids_keep)
         if "contrastive" in terms:
             out["contrastive"] = losses.contrastive_loss(a_global, v_global, cfg.temperature)
         if "self_recon" in terms or "cross_conditioned" in terms:
@@ -323,9 +332,7 @@ class CrossMAE(nn.Module):
             out["cross_conditioned" if "cross_conditioned" in terms else "self_recon"] = recon
             out.update(audio_pred=a_pred, image_pred=v_pred)
         if "cross_embedding" in terms:
-            with torch.no_grad():
-                a_full = self.audio_encoder(audio.unsqueeze(1)).latent[:, 1:]
-                v_full = self.image_encoder(image).latent[:, 1:]
+            a_full, v_full = full_a[:, 1:].detach(), full_v[:, 1:].detach()
             a_tokens = v_tokens = None
             if cfg.queries == "target-tokens":
                 a_tokens, v_tokens = (a.latent[:, 1:], a.ids_restore), (v.latent[:, 1:], v.ids_restore)
