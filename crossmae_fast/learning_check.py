@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(1000 + int(name.split()[1]))
             model, dcfg = CrossMAE(mcfg).eval(), random_cfg
         metrics = evaluate(model, paths["eval"], batch_size=64, backend=a.loader, num_workers=a.workers,
-                           data_cfg=dcfg, probe=probe, probe_data=paths["train"])
+                           data=dcfg, probe=probe, probe_data=paths["train"])
         sel = probe_selection(metrics)
         print(f"[{name}] R@10 {metrics['retrieval']['a2v']['r10']:.3f} / {metrics['retrieval']['v2a']['r10']:.3f}; "
               f"probe selection {_f(sel and sel[0])}", flush=True)

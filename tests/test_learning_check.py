@@ -1,48 +1,64 @@
-"""Learning-check plumbing: thresholds and table on made-up metrics; one tiny end-to-end run."""
+"""Learning check: the targets and the table on made-up metrics; one tiny end-to-end run."""
 
 from __future__ import annotations
 
 import json
 
-import pytest
-from optional import needs_media
-
 from crossmae_fast import learning_check as lc
 
 
-def fake_metrics(r10: float, ciou: float, clips: int, uniform: float) -> dict:
+def fake_metrics(r10: float, clips: int = 80, selection: float | None = None, mismatched: float = 0.42) -> dict:
     ret = {"r1": r10 / 4, "r5": r10 / 2, "r10": r10, "median_rank": 3.0, "mean_rank": 4.0}
-    return {"clips": clips, "retrieval": {"a2v": dict(ret), "v2a": {**ret, "r10": r10 * 0.5}},
-            "retrieval_chance": {"r1": 1 / clips, "r5": 5 / clips, "r10": 10 / clips},
-            "localization": {"ap50": 0.1, "ciou": ciou, "auc": 0.2, "uniform_map_ciou": uniform, "clips": clips}}
+    loc = {"ap50": 0.1, "ciou": 0.08, "auc": 0.2, "uniform_map_ciou": 0.05, "ciou_x_uniform": 1.6, "clips": clips,
+           "selection_accuracy": 0.45, "selection_chance": 0.42, "nonsounding_ciou_x_uniform": 0.9,
+           "mismatched_selection_accuracy": 0.4, "mismatched_ciou_x_uniform": 1.0}
+    m = {"clips": clips, "retrieval": {"a2v": dict(ret), "v2a": {**ret, "r10": r10 * 0.5}},
+         "retrieval_chance": {"r1": 1 / clips, "r5": 5 / clips, "r10": 10 / clips}, "localization": loc}
+    if selection is not None:
+        mean = {**loc, "selection_accuracy": selection, "mismatched_selection_accuracy": mismatched}
+        m["probe"] = {"mean": mean, "seeds": {"0": mean, "1": mean}}
+    return m
 
 
-def test_verdict_and_table():
-    m = fake_metrics(r10=0.5, ciou=0.09, clips=80, uniform=0.05)  # bars: R@10 0.375, cIoU 0.075
-    v = lc.verdict(m)
-    assert v["a2v_r10"]["pass"] and not v["v2a_r10"]["pass"]  # v2a R@10 = 0.25 < 0.375
-    assert abs(v["ciou"]["bar"] - 0.075) < 1e-12 and v["ciou"]["pass"]
-    assert not lc.verdict(fake_metrics(0.5, 0.07, 80, 0.05))["ciou"]["pass"]
-    runs = {name: {"steps": 3, "train_seconds": 1.0, "metrics": m, "verdict": v, "pretrain_command": f"pt {name}",
-                   "evaluate_command": f"ev {name}"} for name in ("crossmae", "cl-av")}
-    table = lc.markdown({"variants": runs, "command": "lc", "wall_seconds": 2.0, "host": "h"})
-    assert "| metric | crossmae | cl-av |" in table
-    assert table.count("PASS") == 4 and table.count("FAIL") == 2
-    assert "0.3750" in table and "pt cl-av" in table
+def model(variant, metrics, random_init=False):
+    return {"variant": variant, "random_init": random_init, "metrics": metrics, "steps": 0 if random_init else 5,
+            "train_seconds": 1.0, "pretrain_command": None if random_init else f"pt {variant}"}
 
 
-@pytest.mark.slow
-@needs_media
-def test_end_to_end(tmp_path):
+def test_targets_need_every_seed_and_beat_the_best_random_init():
+    models = {"crossmae s0": model("crossmae", fake_metrics(0.9, selection=0.8)),
+              "crossmae s1": model("crossmae", fake_metrics(0.9, selection=0.7, mismatched=0.6)),
+              "cl-av s0": model("cl-av", fake_metrics(0.5, selection=0.9)),  # v2a 0.25 < 3 x 0.125
+              "random 0": model("crossmae", fake_metrics(0.1, selection=0.5), True),
+              "random 1": model("crossmae", fake_metrics(0.1, selection=0.65), True)}
+    verdicts = {(t["target"].split(":")[0], t["model"], t["target"].split(": ")[1][:5]): t for t in lc.targets(models)}
+    assert verdicts[("crossmae", "crossmae s0", "A->V ")]["pass"]
+    assert not verdicts[("cl-av", "cl-av s0", "V->A ")]["pass"] and verdicts[("cl-av", "cl-av s0", "A->V ")]["pass"]
+    sel0, sel1 = verdicts[("crossmae", "crossmae s0", "probe")], verdicts[("crossmae", "crossmae s1", "probe")]
+    assert abs(sel0["bar"] - 0.75) < 1e-12 and sel0["pass"] and not sel1["pass"]  # best random 0.65 + 0.10
+    mism = [t for t in lc.targets(models) if "mismatched" in t["target"]]
+    assert [t["pass"] for t in mism] == [True, False]  # 0.6 is 0.18 from chance 0.42
+    assert not any(t["model"].startswith(("random", "cl-av")) and "probe" in t["target"] for t in lc.targets(models))
+    table = lc.markdown({"models": models, "targets": lc.targets(models), "command": "lc", "wall_seconds": 2.0,
+                         "train_wall_seconds": 1.0, "eval_wall_seconds": 1.0, "host": "h"})
+    assert "| metric | crossmae s0 | crossmae s1 | cl-av s0 | random 0 | random 1 |" in table
+    assert "0 (random init)" in table and "pt cl-av" in table and "0.800 / 0.800" in table
+
+
+def test_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.setenv("CROSSMAE_CACHE", str(tmp_path / "cache"))
     out, report = tmp_path / "lc", tmp_path / "rep" / "learning_check"
-    rc = lc.main(["--out", str(out), "--variants", "cl-av", "--steps", "2", "--batch-size", "4", "--clips", "12",
-                  "--seconds", "2.6", "--workers", "0", "--threads", "1", "--report", str(report)])
+    rc = lc.main(["--out", str(out), "--steps", "2", "--seeds", "0", "--random-inits", "1", "--probe-steps", "2",
+                  "--probe-seeds", "0", "1", "--clips", "24", "--jobs", "1", "--loader", "torch", "--workers", "0",
+                  "--extra", "--batch-size 4", "--report", str(report)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert json.loads(report.with_suffix(".json").read_text()) == res
-    run = res["variants"]["cl-av"]
-    assert run["metrics"]["clips"] == 3 and run["metrics"]["retrieval_chance"]["r10"] == 1.0
-    assert set(run["verdict"]) == {"a2v_r10", "v2a_r10", "ciou"}
+    assert set(res["models"]) == {"crossmae s0", "cl-av s0", "random 0"}
+    m = res["models"]["crossmae s0"]["metrics"]
+    assert m["clips"] == 6 and set(m["probe"]["seeds"]) == {"0", "1"}
+    assert {"selection_accuracy", "selection_chance", "nonsounding_ciou_x_uniform", "mismatched_selection_accuracy",
+            "ciou_x_uniform"} <= set(m["localization"]) & set(m["probe"]["mean"])
+    assert len(res["targets"]) == 2 * 2 + 2  # R@10 both ways per trained model, probe and its control
     table = (out / "results.md").read_text()
-    assert "| metric | cl-av |" in table and "--variant cl-av" in table
-    assert table.count("PASS") + table.count("FAIL") == 3
+    assert "--variant cl-av" in table and table.count("PASS") + table.count("FAIL") == 6

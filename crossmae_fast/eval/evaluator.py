@@ -96,16 +96,16 @@ def boxes_of(row: dict, size: int, mode: str, frame: int) -> ClipBoxes:
 def evaluate(model: torch.nn.Module, manifest: str | Path, out_dir: str | Path | None = None,
              pictures_k: int = 0, batch_size: int = 32, device: str = "cpu", backend: str = "dali",
              gt_mode: str = "vggss", map_size: int = 224, num_workers: int = 2, seed: int = 0,
-             checkpoint: str | Path | None = None, data_cfg: DataConfig | None = None,
+             checkpoint: str | Path | None = None, data: DataConfig | None = None,
              probe: ProbeConfig | None = None, probe_data: str | Path | None = None) -> dict:
     """Retrieval and (where the manifest has boxes) localization metrics with their controls; pictures
-    of `pictures_k` clips. `data_cfg`: the run's (its fbank normalisation); by default the model's
+    of `pictures_k` clips. `data`: the run's input settings (its fbank normalisation); by default the model's
     sizes with the manifest's statistics. With `probe` and `probe_data` (a train manifest) the
     localization probe is trained once per probe seed and scored like the zero-shot map. With
     `out_dir`, the pictures and then `metrics.json` (the returned dict) are written there."""
     model.eval()
     cfg = model.cfg
-    dcfg = data_cfg or data_config(cfg)
+    dcfg = data if data is not None else data_config(cfg)
     rows = read_manifest(manifest)
     heads = {}
     if probe is not None and probe_data is not None:
