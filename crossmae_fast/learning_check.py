@@ -242,9 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _recipe() -> dict:
     """The default run's synthetic-set size (the tiny recipe)."""
-    from crossmae_fast.train.step import TrainConfig
+    from crossmae_fast.config import run_config
 
-    t = TrainConfig()
+    t = run_config().train
     return {"synth_clips": t.synth_clips, "synth_seconds": t.synth_seconds}
 
 

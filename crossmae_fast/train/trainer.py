@@ -23,6 +23,7 @@ import torch
 
 from crossmae_fast import options
 from crossmae_fast.config import RunConfig
+from crossmae_fast.data import normalisation
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.train import checkpoint as ckpt
 from crossmae_fast.train import distributed
@@ -126,7 +127,9 @@ class Trainer:
         self._start_process()
         path = self._resume_path()
         manifests = self._manifests()
-        # settings derived from the data belong here, before the config is compared with a checkpoint's
+        # settings derived from the data belong here, before the config is compared with a checkpoint's:
+        # the train split's fbank statistics (else AudioSet's) unless given; the checkpoint records them
+        self.cfg.data = normalisation.resolve(self.cfg.data, manifests["train"])
         resume = self._load_resume(path) if path else None
         self._build(resume, manifests["train"])
         self._announce()
