@@ -84,3 +84,33 @@ def test_stats_skip_unreadable_clips(tmp_path):
     (tmp_path / "bad.wav").write_bytes(b"not audio")
     s = normalisation.fbank_stats([wav, tmp_path / "bad.wav"], mel_bins=[64])
     assert s["clips"] == 1 and s["of"] == 2 and s["mel_bins"]["64"]["std"] > 0
+
+
+def test_run_records_stats_and_evaluate_reuses_them(tiny_set, tmp_path, capsys):
+    """Round trip: a run normalises with its train manifest's statistics, its checkpoint and config.json
+    record them, a resume keeps them, and `evaluate` normalises the eval split with them."""
+    from crossmae_fast import evaluate
+    from crossmae_fast.config import run_config
+    from crossmae_fast.eval.evaluator import checkpoint_data_config
+    from crossmae_fast.train.trainer import Trainer
+
+    n = torch.get_num_threads()
+    base = dict(data=str(tiny_set["train"]), eval_data=str(tiny_set["eval"]), out=str(tmp_path), batch_size=4,
+                ops="reference", loader="torch", workers=0, save_every=0, export_encoders=False, eval_pictures=0,
+                threads=1, device="cpu")
+    try:
+        summary = Trainer(run_config({**base, "steps": 1})).fit()
+        Trainer(run_config({**base, "steps": 2, "resume": "auto"})).fit()  # resumes with the recorded values
+    finally:
+        torch.set_num_threads(n)
+    want = normalisation.stats_for(tiny_set["train"], 64)
+    assert summary["eval"]["audio_norm"] == list(want)
+    assert checkpoint_data_config(tmp_path).audio_norm() == want
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["audio_mean"] == want[0]
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--data", str(tiny_set["eval"]), "--loader", "torch",
+                          "--workers", "0", "--pictures", "0", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["audio_norm"] == list(want)
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--data", str(tiny_set["eval"]), "--loader", "torch",
+                          "--workers", "0", "--pictures", "0", "--out", str(tmp_path / "ev2"), "--audio-mean", "1",
+                          "--audio-std", "2"]) == 0
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["audio_norm"] == [1.0, 2.0]
