@@ -45,16 +45,16 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 """Per-channel image normalisation of the ImageNet MAE encoders."""
 
 PRESETS: dict[str, dict[str, dict]] = {
-    # CPU-sized: 64x64 frames (8x8 patches of 8 px), 256x64 fbank (16x4 patches of 16). Its short
-    # CPU runs learn little at the paper's base learning rate, hence a higher one.
+    # CPU-sized: 64x64 frames (8x8 patches of 8 px), 256x64 fbank (16x4 patches of 16), and the recipe
+    # of the default run: 1024 synthetic clips (768 train, 256 eval), 12.5 epochs (300 steps of 32),
+    # lr 3e-4 (the paper's base rate learns little in so few steps), contrastive term on the unmasked
+    # encoders. Measured in benchmarks/results/learning_experiments.md.
     "tiny": {
         "model": dict(image_size=64, image_patch=8, audio_frames=256, audio_bins=64, audio_patch=16,
                       embed_dim=128, depth=4, num_heads=4, decoder_dim=64, decoder_depth=2, decoder_heads=2,
                       emb_decoder_depth=1,
-                      # the contrastive term on the unmasked encoders learns retrieval several times
-                      # faster in short CPU runs (benchmarks/results/learning_experiments.md)
                       contrastive_inputs="unmasked"),
-        "train": dict(blr=1.5e-3),
+        "train": dict(blr=2.4e-3, epochs=12.5, synth_clips=1024),
     },
     "base": {"model": dict(embed_dim=768, depth=12, num_heads=12)},
     "large": {"model": dict(embed_dim=1024, depth=24, num_heads=16)},
@@ -86,7 +86,8 @@ def check_choices(cfg) -> None:
 class ModelConfig:
     """Architecture, masking and loss settings (docs/design.md, "Model")."""
 
-    preset: str = opt("base", "model size preset; sets the sizes below (and the tiny preset a higher --blr); "
+    preset: str = opt("base", "model size preset; sets the sizes below (the tiny preset also its CPU recipe: "
+                      "--contrastive-inputs unmasked, --blr 2.4e-3, --epochs 12.5, --synth-clips 1024); "
                       "options given beside it override its values", choices=tuple(PRESETS))
     variant: str = opt("crossmae", "loss terms (paper Table 2)", choices=tuple(VARIANTS))
     # inputs
