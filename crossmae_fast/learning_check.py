@@ -3,9 +3,11 @@
     python -m crossmae_fast.learning_check [--out DIR] [--steps N] [--seeds 0 1] [--random-inits 3]
         [--jobs 2] [--report PREFIX]
 
-1. The synthetic set of the `tiny` recipe (cached; its eval split is held out).
+1. A synthetic set (cached; 2048 clips, 256 held out for evaluation), larger than the default run's
+   so that 1000 steps do not over-fit it.
 2. `python -m crossmae_fast.pretrain` trains `crossmae` and `cl-av` once per training seed, as
-   subprocesses (`--jobs` at a time, one torch thread each), with the tiny preset's recipe.
+   subprocesses (`--jobs` at a time, one torch thread each), with the tiny preset's recipe but
+   `--steps` (default 1000) instead of its 300.
 3. Every trained model and `--random-inits` randomly initialised ones (the control) are evaluated
    the same way (`crossmae_fast.eval.evaluator.evaluate`): retrieval R@1/5/10 both ways, the
    zero-shot localization map, and the localization probe (one per probe seed), each map with its
@@ -144,12 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m crossmae_fast.learning_check",
                                  description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/learning_check", help="output folder")
-    ap.add_argument("--steps", type=int, default=600, help="optimisation steps per training run (default 600)")
+    ap.add_argument("--steps", type=int, default=1000, help="optimisation steps per training run (default 1000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
     ap.add_argument("--random-inits", type=int, default=3, help="randomly initialised control models (default 3)")
     ap.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1], help="probe seeds (default 0 1)")
     ap.add_argument("--probe-steps", type=int, default=300, help="probe training steps (default 300)")
-    ap.add_argument("--clips", type=int, help="synthetic clips (default: the pretrain default)")
+    ap.add_argument("--clips", type=int, default=2048, help="synthetic clips (default 2048)")
+    ap.add_argument("--eval-clips", type=int, default=256, help="of which held out for evaluation (default 256)")
     ap.add_argument("--jobs", type=int, default=2, help="training runs at a time (default 2)")
     ap.add_argument("--loader", choices=("torch", "dali"), default="dali")
     ap.add_argument("--workers", type=int, default=1, help="data loader workers per run (default 1)")
@@ -173,10 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    recipe = _recipe()
-    clips = a.clips or recipe["synth_clips"]
+    if not 0 < a.eval_clips < a.clips:
+        print(f"learning_check: error: --eval-clips {a.eval_clips} must lie in (0, --clips {a.clips})", file=sys.stderr)
+        return 2
     mcfg = model_config("tiny", "crossmae")
-    paths = cached_synthetic_set(clips, seed=0, seconds=recipe["synth_seconds"], image_size=mcfg.image_size)
+    paths = cached_synthetic_set(a.clips, seed=0, seconds=_recipe()["synth_seconds"], image_size=mcfg.image_size,
+                                 eval_fraction=a.eval_clips / a.clips)
     py = sys.executable
     jobs = {}
     for variant in VARIANTS:
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _recipe() -> dict:
-    """The default run's synthetic-set size (the tiny recipe)."""
+    """The default run's synthetic-set settings (the tiny recipe)."""
     from crossmae_fast.config import run_config
 
     t = run_config().train

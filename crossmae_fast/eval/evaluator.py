@@ -246,6 +246,9 @@ def format_tables(result: dict) -> str:
     for d, m in result["retrieval"].items():
         lines.append(f"{d:<10}{m['r1']:>8.4f}{m['r5']:>8.4f}{m['r10']:>8.4f}{m['median_rank']:>8.1f}"
                      f"{m['mean_rank']:>9.1f}")
+    chance, n = result["retrieval_chance"], result["clips"]
+    lines.append(f"{'chance':<10}{chance['r1']:>8.4f}{chance['r5']:>8.4f}{chance['r10']:>8.4f}{(n + 1) / 2:>8.1f}"
+                 f"{(n + 1) / 2:>9.1f}")
     loc = result["localization"]
     if loc:
         kinds = {"zero-shot": loc}
