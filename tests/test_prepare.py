@@ -71,6 +71,10 @@ def test_outputs(prepared, mixed):
                 assert (im.format, im.size) == ("JPEG", (SIZE, SIZE))
                 level = np.asarray(im, float).mean()
             assert abs(level - frame_level(int(i * total / 10), total)) < 4, (r["video_id"], i, level)
+    # the prepared clips' fbank statistics, stored with the manifest for the loaders
+    stats = json.loads((out / "manifest.json").read_text())["fbank_stats"]
+    assert stats["clips"] == stats["of"] == len(rows) and set(stats["mel_bins"]) >= {"64", "128"}
+    assert all(v["std"] > 0 for v in stats["mel_bins"].values())
 
 
 def test_resume_skips_finished_clips(prepared, mixed):
