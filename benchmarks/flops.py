@@ -68,11 +68,18 @@ def embedding_decoder(cfg: ModelConfig, src_patches: int, tgt_patches: int) -> i
 
 def forward_flops(cfg: ModelConfig) -> dict[str, int]:
     """Per-sample forward FLOPs by part: `encoders` (masked, both), the decoders of the variant's
-    terms (`cross_conditioned` / `self_recon`, `cross_embedding`) and the no-grad `target` pass."""
+    terms (`cross_conditioned` / `self_recon`, `cross_embedding`) and the unmasked pass: the no-grad
+    `target` pass, or with `contrastive_inputs="unmasked"` the trained `unmasked_encoders` that also
+    give the targets (then a contrastive-only variant runs no masked pass)."""
     mods = _modalities(cfg)
     (la, pa), (lv, pv) = mods["audio"], mods["image"]
-    parts = {"encoders": encoder(cfg, la, pa, True) + encoder(cfg, lv, pv, True)}
     terms = cfg.terms
+    unmasked = cfg.contrastive_inputs == "unmasked" and "contrastive" in terms
+    parts = {}
+    if not unmasked or terms - {"contrastive"}:
+        parts["encoders"] = encoder(cfg, la, pa, True) + encoder(cfg, lv, pv, True)
+    if unmasked:
+        parts["unmasked_encoders"] = encoder(cfg, la, pa, False) + encoder(cfg, lv, pv, False)
     if "cross_conditioned" in terms or "self_recon" in terms:
         cond = "cross_conditioned" in terms
         va, vv = cfg.num_visible(la), cfg.num_visible(lv)
@@ -82,17 +89,19 @@ def forward_flops(cfg: ModelConfig) -> dict[str, int]:
         )
     if "cross_embedding" in terms:
         parts["cross_embedding"] = embedding_decoder(cfg, lv, la) + embedding_decoder(cfg, la, lv)
-        parts["target"] = encoder(cfg, la, pa, False) + encoder(cfg, lv, pv, False)
+        if not unmasked:
+            parts["target"] = encoder(cfg, la, pa, False) + encoder(cfg, lv, pv, False)
     return parts
 
 
 def train_step_flops(cfg: ModelConfig) -> int:
     """Per-sample FLOPs of one optimisation step: 3 x trained forward + the target pass, less the
-    patch embeddings' input gradients (the inputs need none)."""
+    patch embeddings' input gradients (the inputs need none) of each trained encoder pass."""
     parts = forward_flops(cfg)
     target = parts.pop("target", 0)
+    passes = ("encoders" in parts) + ("unmasked_encoders" in parts)
     patch_grad = sum(linear(n, pixels, cfg.embed_dim) for n, pixels in _modalities(cfg).values())
-    return 3 * sum(parts.values()) - patch_grad + target
+    return 3 * sum(parts.values()) - passes * patch_grad + target
 
 
 # --- the fused ops ------------------------------------------------------------------------------

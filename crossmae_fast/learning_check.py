@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs/learning_check", help="output folder")
     ap.add_argument("--steps", type=int, default=1000, help="optimisation steps per training run (default 1000)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
+    ap.add_argument("--batch-size", type=int, default=32, help="samples per training step (default 32)")
     ap.add_argument("--random-inits", type=int, default=3, help="randomly initialised control models (default 3)")
     ap.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1], help="probe seeds (default 0 1)")
     ap.add_argument("--probe-steps", type=int, default=300, help="probe training steps (default 300)")
@@ -189,9 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{variant} s{seed}"
             run_dir = out / f"{variant}-s{seed}"
             cmd = [py, "-m", "crossmae_fast.pretrain", "--data", str(paths["train"]), "--preset", "tiny",
-                   "--variant", variant, "--steps", str(a.steps), "--seed", str(seed), "--loader", a.loader,
-                   "--workers", str(a.workers), "--threads", "1", "--out", str(run_dir), "--resume", "auto",
-                   "--save-every", "0", "--keep", "1", "--log-every", "50", "--no-export-encoders",
+                   "--variant", variant, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+                   "--seed", str(seed), "--loader", a.loader, "--workers", str(a.workers), "--threads", "1",
+                   "--out", str(run_dir), "--resume", "auto", "--save-every", "0", "--keep", "1", "--log-every", "50",
+                   "--no-export-encoders",
                    *shlex.split(a.extra)]
             jobs[name] = (variant, run_dir, cmd)
     try:

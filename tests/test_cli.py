@@ -19,7 +19,7 @@ SHARED = ("--data", "--out", "--batch-size", "--device", "--seed", "--loader", "
 """Options that mean the same thing wherever they appear; pretrain's spelling and types are the reference."""
 EXPECTED = {  # shared options each tool must have
     "evaluate": SHARED,
-    "learning_check": ("--out", "--batch-size", "--seed", "--loader", "--workers"),
+    "learning_check": ("--out", "--batch-size", "--loader", "--workers"),  # --seeds: several training seeds
     "prepare": ("--out", "--workers"),
     "synth": ("--out", "--seed", "--workers"),
     "annotations": ("--out",),

@@ -91,8 +91,10 @@ def test_file_nested_or_flat_and_command_line_wins(tmp_path, suffix, text):
 
 def test_presets_apply_to_every_section_and_give_way():
     tiny, base = run_config(), run_config(preset="base")
-    assert tiny.model.preset == "tiny" and tiny.model.embed_dim == 128 and tiny.train.blr == 1.5e-3
+    assert tiny.model.preset == "tiny" and tiny.model.embed_dim == 128 and tiny.train.blr == 2.4e-3
+    assert (tiny.train.epochs, tiny.train.synth_clips, tiny.model.contrastive_inputs) == (12.5, 1024, "unmasked")
     assert base.model.embed_dim == 768 and base.train.blr == 1.5e-4
+    assert (base.train.epochs, base.model.contrastive_inputs) == (24.0, "masked")  # the paper's inputs
     assert (tiny.data.image_size, tiny.data.audio_frames, tiny.data.audio_bins) == (64, 256, 64)  # follow model
     cfg = run_config({"model": {"preset": "base", "depth": 6}}, blr=1e-4, audio_frames=512)
     assert (cfg.model.depth, cfg.model.embed_dim, cfg.train.blr, cfg.data.audio_frames) == (6, 768, 1e-4, 512)

@@ -57,14 +57,16 @@ def _counted(cfg, backward: bool, batch: int = 2) -> float:
 
 
 @pytest.mark.parametrize("variant, kw", [("crossmae", {}), ("self-mae", {}),
-                                         ("cl-crossemb-mae", {"queries": "target-tokens"})])
+                                         ("cl-crossemb-mae", {"queries": "target-tokens"}),
+                                         ("crossmae", {"contrastive_inputs": "masked"})])
 def test_forward_matches_flop_counter(variant, kw):
     cfg = _odd_config(variant, **kw)
     assert _counted(cfg, backward=False) == pytest.approx(sum(flops.forward_flops(cfg).values()), rel=0.01)
 
 
-def test_train_step_matches_flop_counter():
-    cfg = _odd_config("crossmae")
+@pytest.mark.parametrize("variant, inputs", [("crossmae", "masked"), ("crossmae", "unmasked"), ("cl-av", "unmasked")])
+def test_train_step_matches_flop_counter(variant, inputs):
+    cfg = _odd_config(variant, contrastive_inputs=inputs)
     assert _counted(cfg, backward=True) == pytest.approx(flops.train_step_flops(cfg), rel=0.01)
 
 

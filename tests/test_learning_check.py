@@ -51,7 +51,7 @@ def test_end_to_end(tmp_path, monkeypatch):
     rc = lc.main(["--out", str(out), "--steps", "2", "--seeds", "0", "--random-inits", "1", "--probe-steps", "2",
                   "--probe-seeds", "0", "1", "--clips", "24", "--eval-clips", "6", "--jobs", "1", "--loader", "torch",
                   "--workers", "0",
-                  "--extra", "--batch-size 4", "--report", str(report)])
+                  "--batch-size", "4", "--report", str(report)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert json.loads(report.with_suffix(".json").read_text()) == res

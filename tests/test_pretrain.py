@@ -97,7 +97,7 @@ def test_warmup_forms_and_schedule():
     assert TrainConfig(warmup="7").warmup_steps(100, 10) == 7
     assert TrainConfig(warmup="1.5ep").warmup_steps(100, 10) == 15
     assert TrainConfig(warmup="10%").warmup_steps(200, 10) == 20
-    assert run_config().train.base_lr(512) == pytest.approx(1.5e-3 * 2)  # the tiny preset's default blr
+    assert run_config().train.base_lr(512) == pytest.approx(2.4e-3 * 2)  # the tiny preset's default blr
     assert run_config(preset="base").train.base_lr(512) == pytest.approx(1.5e-4 * 2)
     assert run_config(preset="tiny", blr=1e-4).train.base_lr(512) == pytest.approx(1e-4 * 2)  # options beat presets
     assert TrainConfig(blr=1e-4, lr=0.5).base_lr(512) == 0.5
