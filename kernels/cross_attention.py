@@ -393,22 +393,6 @@ def _backward(do, q, k, v, kv_index, out, lse, dlse, scale):
     return fn(do, q, k, v, kv_index, out, lse, dlse, scale)
 
 
-class CrossAttentionFunction(torch.autograd.Function):
-    """Autograd Function over the same launchers as the custom op (which is what `cross_attention` calls)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, kv_index, scale):
-        out, lse = _forward(q, k, v, kv_index, scale)
-        ctx.save_for_backward(q, k, v, kv_index, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, kv_index, out, lse = ctx.saved_tensors
-        return *_backward(dout, q, k, v, kv_index, out, lse, None, ctx.scale), None, None
-
-
 # --- custom ops -----------------------------------------------------------------------------------------
 
 
@@ -438,22 +422,32 @@ def _(dout, q, k, v, kv_index, out, lse, dlse, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, kv_index, scale = inputs
-    ctx.set_materialize_grads(False)  # lse is rarely used: skip a zero-filled dlse
-    ctx.save_for_backward(q, k, v, kv_index, *output)
-    ctx.scale = scale
+class CrossAttentionFunction(torch.autograd.Function):
+    """Autograd of `cross_attention_op`, registered on the custom op (so torch.compile sees it); `apply`
+    runs the same launchers as `(out, lse)` outside torch.library."""
+
+    @staticmethod
+    def forward(q, k, v, kv_index, scale):
+        return _forward(q, k, v, kv_index, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, kv_index, scale = inputs
+        ctx.set_materialize_grads(False)  # lse is rarely used: skip a zero-filled dlse
+        ctx.save_for_backward(q, k, v, kv_index, *output)
+        ctx.scale = scale
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, kv_index, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = torch.ops.crossmae.cross_attention_backward(dout, q, k, v, kv_index, out, lse, dlse, ctx.scale)
+        return *grads, None, None
 
 
-def _autograd_backward(ctx, dout, dlse):
-    q, k, v, kv_index, out, lse = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    grads = torch.ops.crossmae.cross_attention_backward(dout, q, k, v, kv_index, out, lse, dlse, ctx.scale)
-    return *grads, None, None
-
-
-cross_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+cross_attention_op.register_autograd(CrossAttentionFunction.backward,
+                                     setup_context=CrossAttentionFunction.setup_context)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_index: torch.Tensor | None = None,

@@ -140,7 +140,7 @@ def test_math_fallback_matches_reference(monkeypatch, S):
 def test_autograd_function_matches_op():
     _, q, k, v, idx = _inputs(1, 2, 13, 20, 32, 6, torch.float32)
     do = torch.randn(1, 2, 13, 32, device=DEVICE)
-    fn = lambda q, k, v, idx: ca.CrossAttentionFunction.apply(q, k, v, idx, 32**-0.5)  # noqa: E731
+    fn = lambda q, k, v, idx: ca.CrossAttentionFunction.apply(q, k, v, idx, 32**-0.5)[0]  # noqa: E731
     for a, b in zip(_run(fn, q, k, v, idx, do), _run(cross_attention, q, k, v, idx, do)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
