@@ -7,17 +7,21 @@ import json
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 import torchaudio
+from optional import needs_media
 
 from crossmae_fast.config import AUDIOSET_FBANK_MEAN, AUDIOSET_FBANK_STD, data_config, model_config
 from crossmae_fast.data import make_loader, normalisation
 from crossmae_fast.data.manifest import read_manifest, write_manifest
 
+pytestmark = needs_media  # every test reads or writes audio files
+
 
 def independent_stats(manifest, bins: int) -> tuple[float, float]:
     """Mean / std over every frame and bin of the split's Kaldi fbank, read with soundfile."""
+    import soundfile
+
     values = []
     for row in read_manifest(manifest):
         wave, sr = soundfile.read(row["wav"], dtype="float32")
@@ -79,6 +83,8 @@ def test_resolve_keeps_given_values_and_falls_back(stats_set):
 
 
 def test_stats_skip_unreadable_clips(tmp_path):
+    import soundfile
+
     wav = tmp_path / "a.wav"
     soundfile.write(wav, (0.1 * np.random.default_rng(0).standard_normal(16000)).astype(np.float32), 16000)
     (tmp_path / "bad.wav").write_bytes(b"not audio")
