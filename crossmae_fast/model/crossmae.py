@@ -36,6 +36,18 @@ def resolve_ops(name: str) -> SimpleNamespace:
     return SimpleNamespace(**{op: getattr(kernels, op) for op in kernels.OPS})
 
 
+def mae_init_(m: nn.Module) -> None:
+    """MAE's initialisation of one module (use with `model.apply`): Xavier-uniform linear weights, zero
+    biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.xavier_uniform_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (timm names). Can also hand back the CLS query and all keys."""
 
@@ -255,7 +267,7 @@ class CrossMAE(nn.Module):
         if "cross_embedding" in terms:
             self.audio_to_image = EmbeddingDecoder(cfg, d, d, v_grid, ops)
             self.image_to_audio = EmbeddingDecoder(cfg, d, d, a_grid, ops)
-        self.apply(self._init_weights)
+        self.apply(mae_init_)
         for enc in (self.audio_encoder, self.image_encoder):
             w = enc.patch_embed.proj.weight
             nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -265,16 +277,6 @@ class CrossMAE(nn.Module):
                 nn.init.normal_(module.mask_token, std=0.02)
             if isinstance(module, EmbeddingDecoder) and module.mode != "empty":
                 nn.init.normal_(module.queries if module.mode == "learnable" else module.mask_token, std=0.02)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
     def attentive_tokens(self, enc: Encoded, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(memory, index) for the Cross-Conditioned layer: the visible tokens read through the top-k
