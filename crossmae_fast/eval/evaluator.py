@@ -64,7 +64,7 @@ def checkpoint_data_config(checkpoint: str | Path) -> DataConfig | None:
     path = Path(checkpoint)
     path = latest_checkpoint(path) if path.is_dir() else path
     state = load_checkpoint(path)
-    saved = state.get("data_config") or (state.get("config") or {}).get("data")
+    saved = state.get("config", {}).get("data")
     if not saved:
         return None
     known = {f.name for f in dataclasses.fields(DataConfig)}
