@@ -228,6 +228,9 @@ class DataConfig:
     image_std: tuple[float, float, float] = opt(IMAGENET_STD, "per-channel RGB standard deviation")
     num_frames: int = opt(NUM_FRAMES, "frames extracted per clip (training draws one at random)")
     eval_frame: int = opt(EVAL_FRAME, "the frame evaluation uses")
+    freqm: int = opt(0, "SpecAugment on training batches: one mel band of width < N masked per clip (CAV-MAE: 48)")
+    timem: int = opt(0, "SpecAugment on training batches: one run of < N fbank frames masked per clip (CAV-MAE: "
+                     "192)")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -238,6 +241,8 @@ class DataConfig:
             raise ValueError(f"workers={self.workers} must not be negative")
         if not ((self.audio_std is None or self.audio_std > 0) and min(self.image_std) > 0):
             raise ValueError("audio_std and image_std must be positive")
+        if self.freqm < 0 or self.timem < 0:
+            raise ValueError(f"freqm={self.freqm} and timem={self.timem} must not be negative")
         if not 0 <= self.eval_frame < self.num_frames:
             raise ValueError(f"eval_frame={self.eval_frame} must lie in [0, num_frames={self.num_frames})")
 

@@ -26,7 +26,7 @@ __all__ = ["BACKENDS", "make_loader"]
 def make_loader(
     manifest: str | Path, *, backend: str | None = None, batch_size: int, train: bool, data_config: DataConfig,
     device="cpu", rank: int = 0, world_size: int = 1, num_workers: int | None = None, seed: int = 0,
-    drop_last: bool | None = None, video: bool | None = None,
+    drop_last: bool | None = None, video: bool | None = None, weights=None,
 ) -> ClipLoader:
     """Loader over `manifest` for this rank: iterable of batches, with `len()`, `set_epoch()`, `stats`.
 
@@ -36,7 +36,8 @@ def make_loader(
     back to the torch loader, with one warning, when DALI cannot be imported. `video=True` decodes
     the chosen frame from a row's `"video"` file (same frame rule as the JPEGs; rows without one use
     their JPEG frames). `backend`, `num_workers` and `video` default to `data_config`'s `loader`,
-    `workers` and `video`.
+    `workers` and `video`. `weights` (one per row): training draws each epoch's rows with replacement
+    in proportion to them (balanced sampling). Training batches get `data_config`'s SpecAugment.
     """
     from crossmae_fast.data.torch_loader import TorchLoader
 
@@ -56,4 +57,4 @@ def make_loader(
                 _warned = True
     return cls(manifest, batch_size=batch_size, train=train, data_config=data_config, device=device,
                rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, drop_last=drop_last,
-               video=video)
+               video=video, weights=weights)

@@ -88,12 +88,15 @@ class ClipSet:
 
 def epoch_batches(
     n: int, *, batch_size: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int,
-    drop_last: bool,
+    drop_last: bool, weights: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Row indices of each batch of this rank for one epoch (see the module docstring)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must lie in [0, world_size={world_size})")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    if weights is not None and shuffle:  # balanced sampling: n draws with replacement, the same on every rank
+        order = np.random.default_rng([seed, epoch]).choice(n, size=n, p=weights / weights.sum())
+    else:
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
     total = math.ceil(n / world_size) * world_size
     order = np.resize(order, total)[rank::world_size]  # np.resize repeats from the start
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
@@ -107,7 +110,7 @@ class ClipLoader:
     def __init__(
         self, manifest: str | Path, *, batch_size: int, train: bool, data_config: DataConfig, device,
         rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0,
-        drop_last: bool | None = None, video: bool = False,
+        drop_last: bool | None = None, video: bool = False, weights: np.ndarray | None = None,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
@@ -117,6 +120,9 @@ class ClipLoader:
         self.device, self.rank, self.world_size = device, rank, world_size
         self.num_workers, self.seed, self.video = num_workers, seed, video
         self.drop_last = train if drop_last is None else drop_last
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        if self.weights is not None and self.weights.shape != (len(self.clips),):
+            raise ValueError(f"{manifest}: {len(self.weights)} sampling weights for {len(self.clips)} rows")
         self.epoch, self.start_batch = 0, 0
         self.stats = LoaderStats()
         self.batches()  # validates rank / world_size now
@@ -137,7 +143,18 @@ class ClipLoader:
         return epoch_batches(
             len(self.clips), batch_size=self.batch_size, shuffle=self.train, seed=self.seed,
             epoch=self.epoch, rank=self.rank, world_size=self.world_size, drop_last=self.drop_last,
+            weights=self.weights,
         )
+
+    def augment(self, audio, batch: int):
+        """SpecAugment (`freqm` / `timem`) of training batch `batch` of the epoch; both loaders call it."""
+        if not self.train or not (self.cfg.freqm or self.cfg.timem):
+            return audio
+        from crossmae_fast.data.augment import batch_rng, spec_augment
+
+        mean, std = self.cfg.audio_norm()
+        g = batch_rng(self.seed, self.epoch, batch, 1)
+        return spec_augment(audio, self.cfg.freqm, self.cfg.timem, -mean / std, g)
 
     def __len__(self) -> int:
         per_rank = math.ceil(len(self.clips) / self.world_size)

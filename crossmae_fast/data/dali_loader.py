@@ -259,7 +259,8 @@ class DaliLoader(ClipLoader):
                     rows = torch.tensor(feed.issued[done], dtype=torch.int64)
                     if self.torch_device.type == "cuda":  # pinned: the copy below must not sync
                         rows = rows.pin_memory()
-                    batch = {"audio": self._to_torch(audio), "image": self._to_torch(image),
+                    batch = {"audio": self.augment(self._to_torch(audio), self.start_batch + done),
+                             "image": self._to_torch(image),
                              "index": rows.to(self.torch_device, non_blocking=True)}
                     self.stats.replaced += feed.replaced(done)
                     done += 1

@@ -87,8 +87,10 @@ class TorchLoader(ClipLoader):
             dataset, batch_sampler=[b.tolist() for b in self.plan()], num_workers=self.num_workers,
             collate_fn=_collate, pin_memory=device.type == "cuda", worker_init_fn=_worker_init,
         )
-        for batch in loader:
+        for i, batch in enumerate(loader, start=self.start_batch):
             for row, reason in batch.pop("bad"):
                 self.stats.mark_bad(row, reason)
             self.stats.replaced += batch.pop("replaced")
-            yield {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            batch["audio"] = self.augment(batch["audio"], i)
+            yield batch
