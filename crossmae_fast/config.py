@@ -402,3 +402,136 @@ def _followed(cls, source) -> dict:
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
+
+
+# --- fine-tuning and linear probing (crossmae_fast.finetune) ---------------------------------------------
+
+CLASSIFY_MODES = ("av", "audio", "visual")
+POOLS = ("cls", "mean")
+LOSSES = ("auto", "bce", "ce")
+CAVMAE_BATCH = 36
+"""CAV-MAE's AudioSet-20K batch; the fine-tuning base lr is set so this batch gets its lr of 5e-5."""
+
+FINETUNE_PRESETS: dict[str, dict[str, dict]] = {
+    # CPU-sized recipe for the synthetic set (benchmarks/results/finetune.md): short, no regularisers
+    # that the 768-clip set does not need, SpecAugment scaled to the 256 x 64 fbank.
+    "tiny": {
+        "train": dict(batch_size=32, epochs=6.0, blr=8e-4, warmup="1ep", synth_clips=1024),
+        "data": dict(freqm=12, timem=48),
+        "classify": dict(head_lr_scale=10.0, mixup=0.0, label_smoothing=0.0, drop_path=0.0),
+    },
+    "base": {},
+    "large": {},
+}
+"""Fine-tuning recipe by model preset (defaults: CAV-MAE's AudioSet-20K recipe, README "Fine-tuning")."""
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    """The optimisation of a fine-tuning run; the fields of `TrainConfig` with fine-tuning's defaults."""
+
+    init: str | None = opt(None, "encoders to start from (required): a pre-training run folder or checkpoint, "
+                           "exported timm encoders (a folder with encoder_audio.pth / encoder_image.pth, or the "
+                           "files joined by ','), an ImageNet MAE / timm ViT checkpoint, or 'none' (random init, "
+                           "the control)")
+    batch_size: int = opt(CAVMAE_BATCH, "samples per process and step")
+    epochs: float = opt(15.0, "training length in epochs of the train manifest")
+    blr: float = opt(5e-5 * 256 / CAVMAE_BATCH, "base learning rate of the encoders; lr = blr * global batch / 256 "
+                     "(CAV-MAE's 5e-5 at batch 36)")
+    warmup: str = opt("2ep", "linear warm-up: N steps ('500'), epochs ('2ep') or a share of the run ('5%')")
+    out: str = opt("runs/finetune", "output folder: checkpoints, metrics.jsonl, eval/")
+    save_every: int = opt(0, "steps between checkpoints besides the one at each epoch's end (0: none)")
+    keep: int = opt(1, "epoch checkpoints kept (the newest)")
+    export_encoders: bool = opt(False, "not used by fine-tuning", hidden=True)
+
+
+@dataclass
+class ClassifyConfig:
+    """What is classified and how: labels, head, loss and the CAV-MAE / MAE fine-tuning recipe."""
+
+    eval_data: str | None = opt(None, "evaluation manifest scored after every epoch; default: the synthetic set's "
+                                "eval.json (with --data: none, so give one)")
+    label_csv: str | None = opt(None, "CAV-MAE class_labels_indices.csv (index,mid,display_name); default: the "
+                                "sorted labels of the train manifest")
+    mode: str = opt("av", "encoders used: both (pooled features concatenated), audio or visual only",
+                    choices=CLASSIFY_MODES)
+    pool: str = opt("cls", "feature of each encoder: its CLS output or the mean of its patch tokens", choices=POOLS)
+    linear_probe: bool = opt(False, "freeze the encoders; BatchNorm without affine before the linear head (MAE)")
+    loss: str = opt("auto", "auto: BCE (and mAP) when a train clip has several labels, else cross-entropy (and "
+                    "accuracy)", choices=LOSSES)
+    head_lr_scale: float = opt(100.0, "learning-rate multiplier of the head (CAV-MAE's head_lr: 100 AS-20K, 50 "
+                               "AS-2M, 10 VGGSound)")
+    layer_decay: float = opt(1.0, "layer-wise lr decay: block i of depth d learns at layer_decay**(d - i) (MAE "
+                             "0.65-0.75; 1 = off, CAV-MAE)")
+    drop_path: float = opt(0.1, "stochastic depth rate of the last block (MAE 0.1)")
+    mixup: float = opt(0.5, "share of training clips mixed with another, lambda ~ Beta(10, 10), one for audio, "
+                       "image and labels (CAV-MAE 0.5)")
+    label_smoothing: float = opt(0.1, "targets smoothed to (1 - s) * t + s / classes (CAV-MAE 0.1)")
+    balanced: str | None = opt(None, "balanced sampling (AudioSet-2M): draw train clips with replacement by "
+                               "CAV-MAE's weights, computed ('auto') or read from a file of the labels tool",
+                               const="auto")
+    train_per_class: int | None = opt(None, "train on N clips per class only (chosen by --seed): the few-label "
+                                      "setting")
+    average_last: int = opt(1, "evaluate the mean of the last K epochs' weights at the end (CAV-MAE's weight "
+                            "averaging; 1 = the last epoch's)")
+    eval_frames: int = opt(1, "frames per clip at the end: probabilities averaged over N evenly spaced frames "
+                           "(CAV-MAE: 10)")
+    eval_missing: bool = opt(False, "also score an av model with the audio / the visual input missing at the end")
+    eval_only: bool = opt(False, "evaluate the fine-tuned checkpoint (--resume, default the latest in --out); no "
+                          "training")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        for name in ("head_lr_scale", "layer_decay"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be positive")
+        for name in ("drop_path", "mixup", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)} must lie in [0, 1)")
+        for name in ("average_last", "eval_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be at least 1")
+        if self.train_per_class is not None and self.train_per_class < 1:
+            raise ValueError(f"--train-per-class={self.train_per_class} must be at least 1")
+        if self.eval_missing and self.mode != "av":
+            raise ValueError("--eval-missing needs --mode av (a model that takes both inputs)")
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a fine-tuning run depends on: the encoders' architecture, the data, the optimisation
+    and the classification settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+
+    def __post_init__(self) -> None:
+        self.data = dataclasses.replace(self.data, **_followed(DataConfig, self.model))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping) -> FinetuneConfig:
+        sections = {f.name: f.default_factory for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(sections))
+        if unknown:
+            raise ValueError(f"unknown config section(s): {', '.join(unknown)}")
+        return cls(**{name: _section(make, values.get(name, {}), name) for name, make in sections.items()})
+
+
+def finetune_config(values: Mapping | None = None, base_model: Mapping | None = None) -> FinetuneConfig:
+    """A `FinetuneConfig` from dataclass defaults <- the pre-trained model's config (`base_model`, from
+    the --init checkpoint) <- its preset's fine-tuning recipe <- `values` (nested or flat)."""
+    from crossmae_fast.options import merge, nest
+
+    nested = nest(FinetuneConfig, values or {})
+    model = {**(base_model or {}), **nested.get("model", {})}
+    preset = model.get("preset", DEFAULT_PRESET)
+    if preset not in PRESETS:
+        raise ValueError(f"preset={preset!r} is not one of {', '.join(map(repr, PRESETS))}")
+    model = {**PRESETS[preset].get("model", {}), **model, "preset": preset}
+    sections = merge(FINETUNE_PRESETS[preset], {**nested, "model": model})
+    return FinetuneConfig.from_dict(sections)
