@@ -416,7 +416,7 @@ FINETUNE_PRESETS: dict[str, dict[str, dict]] = {
     # CPU-sized recipe for the synthetic set (benchmarks/results/finetune.md): short, no regularisers
     # that the 768-clip set does not need, SpecAugment scaled to the 256 x 64 fbank.
     "tiny": {
-        "train": dict(batch_size=32, epochs=6.0, blr=8e-4, warmup="1ep", synth_clips=1024),
+        "train": dict(batch_size=32, epochs=4.0, blr=4e-3, warmup="1ep", synth_clips=1024),
         "data": dict(freqm=12, timem=48),
         "classify": dict(head_lr_scale=10.0, mixup=0.0, label_smoothing=0.0, drop_path=0.0),
     },
