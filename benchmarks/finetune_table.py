@@ -41,7 +41,8 @@ def runs(init: str, seeds: list[int], sweep: list[float]) -> list[dict]:
 def command(r: dict, folder: Path) -> list[str]:
     name = (f"{r['mode']}-{'lp' if r['probe'] else 'ft'}-{r['init']}-{r['per_class'] or 'all'}-s{r['seed']}"
             + (f"-blr{r['blr']:g}" if r["blr"] else ""))
-    args = ["--init", r["source"], "--mode", r["mode"], "--seed", str(r["seed"]), "--out", str(folder / name)]
+    args = ["--init", r["source"], "--mode", r["mode"], "--seed", str(r["seed"]), "--out", str(folder / name),
+            "--eval-every", "0"]
     args += ["--linear-probe"] if r["probe"] else []
     args += ["--train-per-class", str(r["per_class"])] if r["per_class"] else []
     args += ["--blr", str(r["blr"])] if r["blr"] else []

@@ -476,6 +476,7 @@ class ClassifyConfig:
                             "averaging; 1 = the last epoch's)")
     eval_frames: int = opt(1, "frames per clip at the end: probabilities averaged over N evenly spaced frames "
                            "(CAV-MAE: 10)")
+    eval_every: int = opt(1, "epochs between scores of the eval set during training (0: only the final score)")
     eval_missing: bool = opt(False, "also score an av model with the audio / the visual input missing at the end")
     eval_only: bool = opt(False, "evaluate the fine-tuned checkpoint (--resume, default the latest in --out); no "
                           "training")
@@ -488,6 +489,8 @@ class ClassifyConfig:
         for name in ("drop_path", "mixup", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)}={getattr(self, name)} must lie in [0, 1)")
+        if self.eval_every < 0:
+            raise ValueError(f"--eval-every={self.eval_every} must not be negative")
         for name in ("average_last", "eval_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be at least 1")

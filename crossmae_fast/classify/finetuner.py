@@ -34,7 +34,8 @@ from crossmae_fast.train.trainer import Schedule, TrainState, fetch, set_threads
 log = logging.getLogger("crossmae_fast.finetune")
 
 RESUME_FREE = {"train": ckpt.RESUME_FREE["train"], "data": ckpt.RESUME_FREE["data"], "model": frozenset({"ops"}),
-               "classify": frozenset({"eval_data", "average_last", "eval_frames", "eval_missing", "eval_only"})}
+               "classify": frozenset({"eval_data", "average_last", "eval_frames", "eval_every", "eval_missing",
+                                     "eval_only"})}
 """Fields a resumed fine-tuning run may change (how it runs and what it reports, not its updates)."""
 
 
@@ -248,7 +249,8 @@ class Finetuner:
     def _end_of_epoch(self) -> None:
         """Score the eval set (appended to metrics.jsonl) and keep this epoch's weights for averaging."""
         epoch = self.state.step / self.per_epoch
-        if self.task.eval is not None:
+        every = self.cfg.classify.eval_every
+        if self.task.eval is not None and every and round(epoch) % every == 0:
             stats = self._score(frames=1)
             if self.main:
                 record = {"step": self.state.step, "epoch": round(epoch, 3), "eval": _headline(stats)}
@@ -271,6 +273,8 @@ class Finetuner:
         return stats
 
     def save(self, reason: str) -> None:
+        """Flush the metrics (never save past a NaN), gather every rank's RNG state, write (rank 0)."""
+        self._flush()
         self.state.rng = gather_rng()
         if self.main:
             s = dataclasses.replace(self.state)
