@@ -26,7 +26,7 @@ setup(
         "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "scikit-learn", "scipy"],
         "xformers": ["xformers"],
     },
     entry_points={
@@ -35,6 +35,7 @@ setup(
             "crossmae-evaluate=crossmae_fast.evaluate:main",
             "crossmae-prepare=crossmae_fast.prepare:main",
             "crossmae-synth=crossmae_fast.synth:main",
+            "crossmae-finetune=crossmae_fast.finetune:main",
         ]
     },
 )

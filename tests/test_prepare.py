@@ -115,6 +115,9 @@ def test_csv_labels_flac_downmix_and_missing(mixed, tmp_path):
     assert (s.done, s.failed) == (2, Counter({"missing": 1, "no_audio": 1}))
     rows = read_manifest(tmp_path / "out" / "manifest.json")
     assert [(r["video_id"], r["labels"]) for r in rows] == [("good_h264", "dog,bark"), ("left_only", "cat")]
+    from crossmae_fast.data.labels import read_label_csv  # the label CSV of the kept clips' labels
+
+    assert read_label_csv(tmp_path / "out" / "class_labels_indices.csv").mids == ("bark", "cat", "dog")
     x, sr = soundfile.read(rows[1]["wav"])
     assert rows[1]["wav"].endswith(".flac") and sr == SAMPLE_RATE
     mid = x[len(x) // 4: 3 * len(x) // 4]

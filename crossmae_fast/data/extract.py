@@ -17,7 +17,8 @@ source path) and `failures.jsonl` (one `{"path", "video_id", "reason", "detail"}
 this run) are written atomically. Failure reasons: missing, unreadable (cannot be opened: not a media
 file, no index), no_video, no_audio, empty (no frames or samples), truncated (fewer frames or much
 less audio than the container declares), corrupt (a decode error), error (anything else). A failed
-clip never stops the run. Folder input carries no labels (`"labels": ""`); use a CSV for labels.
+clip never stops the run. Folder input carries no labels (`"labels": ""`); use a CSV for labels. With
+labels, `class_labels_indices.csv` (CAV-MAE's `index,mid,display_name`, the sorted labels) is written too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
+from crossmae_fast.data.labels import LabelSet, write_label_csv
 from crossmae_fast.data.manifest import frame_path, write_manifest
 from crossmae_fast.data.media import (
     MediaError,
@@ -327,6 +329,9 @@ def prepare(
     kept = [rows[c.video_id] for c in clips if c.video_id in rows]
     stats = fbank_stats([out / r["wav"] for r in kept], split="all") if kept else None
     write_manifest(out / "manifest.json", kept, **({STATS_KEY: stats} if stats else {}))
+    used = sorted({m.strip() for r in kept for m in r["labels"].split(",") if m.strip()})
+    if used:  # CAV-MAE's class_labels_indices.csv of the labels the clips carry (fine-tuning's --label-csv)
+        write_label_csv(out / "class_labels_indices.csv", LabelSet(tuple(used), tuple(used)))
     order = {c.video_id: j for j, c in enumerate(clips)}
     failures.sort(key=lambda f: order[f["video_id"]])
     tmp = out / ".failures.jsonl.tmp"
