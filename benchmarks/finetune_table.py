@@ -42,7 +42,7 @@ def command(r: dict, folder: Path) -> list[str]:
     name = (f"{r['mode']}-{'lp' if r['probe'] else 'ft'}-{r['init']}-{r['per_class'] or 'all'}-s{r['seed']}"
             + (f"-blr{r['blr']:g}" if r["blr"] else ""))
     args = ["--init", r["source"], "--mode", r["mode"], "--seed", str(r["seed"]), "--out", str(folder / name),
-            "--eval-every", "0"]
+            "--resume", "auto", "--eval-every", "0"]
     args += ["--linear-probe"] if r["probe"] else []
     args += ["--train-per-class", str(r["per_class"])] if r["per_class"] else []
     args += ["--blr", str(r["blr"])] if r["blr"] else []
@@ -60,6 +60,8 @@ def run_one(r: dict, folder: Path) -> dict:
     t0 = time.perf_counter()
     code = finetune.main(args)
     seconds = time.perf_counter() - t0
+    if code == 1:  # stopped by a signal (it saved a checkpoint): the table stops too
+        raise SystemExit(f"finetune_table: {out} stopped; rerun this script to continue")
     result = json.loads((out / "eval" / "metrics.json").read_text()) if code == 0 else {}
     row = {"steps": result.get("step"), "seconds": round(seconds, 1), "acc": result.get("final", {}).get("acc"),
            "mAP": result.get("final", {}).get("mAP"), "exit": code}
