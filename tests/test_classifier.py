@@ -128,3 +128,34 @@ def test_layer_decay_groups():
     assert scale[id(named["audio_encoder.cls_token"])] == (0.5 ** 5, 0.0)
     assert scale[id(named["image_encoder.norm.weight"])] == (1.0, 0.0)
     assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_classify_step_capture_replays_the_eager_step():
+    """ClassifyStep on TrainStep's capture machinery (the CUDA-graph capture injected, as on a GPU):
+    replayed steps with per-group learning rates give the eager run's losses and weights."""
+    from types import SimpleNamespace
+
+    from crossmae_fast.classify.step import ClassifyStep
+
+    def make(capture=None):
+        torch.manual_seed(0)
+        m = Classifier(cfg(depth=1), 4, drop_path_rate=0.0)
+        opt = torch.optim.AdamW(param_groups(m, 0.05, layer_decay=0.5, head_lr_scale=10.0), lr=1e-3)
+        return m, ClassifyStep(m, opt, "bce", torch.device("cpu"), cuda_graph=True, warmup=1, capture=capture)
+
+    m, step = make(lambda fn: SimpleNamespace(replay=fn))
+    ref_m, ref = make()
+    ref.want_graph = False
+    c = m.cfg
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        a, v = torch.randn(2, c.audio_frames, c.audio_bins, generator=g), torch.randn(2, 3, 64, 64, generator=g)
+        t = (torch.rand(2, 4, generator=g) > 0.5).float()
+        for s in (step, ref):
+            s.set_lr(1e-3 * (i + 1))
+            s(a, v, t)
+        assert step.read() == ref.read()
+    assert step.mode == "cuda-graph"
+    assert [g["lr"] for g in step.opt.param_groups] == [4e-3 * g["lr_scale"] for g in step.opt.param_groups]
+    for (k, p), q in zip(m.state_dict().items(), ref_m.state_dict().values()):
+        assert torch.equal(p, q), k
