@@ -55,7 +55,8 @@ def test_run_writes_scores_predictions_and_averages(tiny_set, pretrained, tmp_pa
     out = tmp_path / "ft"
     code = finetune.main(args(tiny_set, out, "--init", str(pretrained), "--epochs", "2", "--mixup", "0.5",
                               "--label-smoothing", "0.1", "--average-last", "2", "--eval-frames", "3",
-                              "--eval-missing", "--layer-decay", "0.75", "--drop-path", "0.1"))
+                              "--eval-missing", "--layer-decay", "0.75", "--drop-path", "0.1",
+                              "--balanced", "auto"))
     assert code == 0
     recs = records(out)
     evals = [r for r in recs if "eval" in r]
@@ -160,6 +161,20 @@ def test_manifest_without_labels_and_bad_init(tiny_set, tmp_path, capsys):
     junk.write_text("hello")
     assert "not a checkpoint" in bad_run(capsys, args(tiny_set, tmp_path / "y", "--init", str(junk), "--steps", "1"))
     assert not (tmp_path / "x").exists()
+
+
+def test_help_lists_every_field(capsys):
+    import dataclasses
+
+    from crossmae_fast.config import FinetuneConfig
+
+    with pytest.raises(SystemExit):
+        finetune.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for section in dataclasses.fields(FinetuneConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            if not f.metadata.get("follows") and f.name not in finetune.SKIP:
+                assert "--" + f.name.replace("_", "-") in text, f.name
 
 
 def test_init_is_required(capsys):
