@@ -53,7 +53,7 @@ class Finetuner:
 
     def fit(self) -> dict:
         t = self.cfg.train
-        where = distributed.init_distributed(t.device)
+        self.where = where = distributed.init_distributed(t.device)
         self.device, self.rank, self.world, self.main = where.device, where.rank, where.world_size, where.is_main
         set_threads(t.threads, self.device)
         self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
@@ -264,9 +264,9 @@ class Finetuner:
                 old.unlink(missing_ok=True)
 
     def _score(self, frames: int, missing: str | None = None, keep: bool = False) -> dict:
-        index, scores = P.predict(self.model, self.task.eval, self.cfg.data, batch_size=self.cfg.train.batch_size,
-                                  device=self.device, rank=self.rank, world=self.world, frames=frames,
-                                  missing=missing, multi_label=self.task.multi_label, precision=self.precision)
+        index, scores = P.predict(self.model, self.task.eval, self.cfg.data, self.where,
+                                  batch_size=self.cfg.train.batch_size, frames=frames, missing=missing,
+                                  multi_label=self.task.multi_label, precision=self.precision)
         stats = P.score(index, scores, self.task.eval_targets)
         if keep:
             self.predictions = (index, scores)

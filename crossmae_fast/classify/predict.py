@@ -22,11 +22,13 @@ def frame_choice(n: int, num_frames: int, eval_frame: int) -> list[int]:
 
 
 @torch.no_grad()
-def predict(model, manifest: Path, data: DataConfig, *, batch_size: int, device, rank: int, world: int,
+def predict(model, manifest: Path, data: DataConfig, where: distributed.DistInfo, *, batch_size: int,
             frames: int = 1, missing: str | None = None, multi_label: bool = True,
             precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """(row indices [N], scores [N, C]) on every rank: the mean over frames of the probabilities
-    (sigmoid for multi-label, softmax otherwise); with one frame, the logits themselves."""
+    """(row indices [N], scores [N, C]) on every rank (`where`: this process's rank, world size and
+    device): the mean over frames of the probabilities (sigmoid for multi-label, softmax otherwise);
+    with one frame, the logits themselves."""
+    device = where.device
     from crossmae_fast.data import make_loader
 
     was_training = model.training
@@ -36,7 +38,7 @@ def predict(model, manifest: Path, data: DataConfig, *, batch_size: int, device,
     for frame in picks:
         cfg = dataclasses.replace(data, eval_frame=frame)
         loader = make_loader(manifest, batch_size=batch_size, train=False, data_config=cfg, device=device,
-                             rank=rank, world_size=world)
+                             rank=where.rank, world_size=where.world_size)
         rows, outs = [], []
         for batch in loader:
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16"):
