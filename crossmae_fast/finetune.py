@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
         from_file = options.read_file(ns["config"], FinetuneConfig) if "config" in ns else {}
         values = options.merge(from_file, given)
         init = values.get("train", {}).get("init")
-        if init is None:
+        if init is None and not values.get("classify", {}).get("eval_only"):
             raise ValueError("--init is required: a pre-training run or checkpoint, exported encoders, an ImageNet "
                              "MAE checkpoint, or 'none' (random init)")
         return finetune_config(values, pretrained_model_config(init))

@@ -57,8 +57,13 @@ class Finetuner:
         self.device, self.rank, self.world, self.main = where.device, where.rank, where.world_size, where.is_main
         set_threads(t.threads, self.device)
         self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.task = self._task()  # labels checked: nothing is written before this
-        resume = self._resume()
+        if self.cfg.classify.eval_only:  # the checkpoint's run, scored as the command line asks
+            resume = self._resume()
+            self.cfg = evaluation_config(FinetuneConfig.from_dict(resume["config"]), self.cfg)
+            self.task = self._task()
+        else:
+            self.task = self._task()  # labels checked: nothing is written before this
+            resume = self._resume()
         self._build(resume)
         if self.cfg.classify.eval_only:
             return self._finish(evaluate_only=True)
@@ -326,6 +331,19 @@ class Finetuner:
         ckpt.atomic_write(folder / "per_class.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
         P.save_predictions(folder, self.task.eval_ids, *self.predictions, self.task.eval_targets)
         self.metrics.append({"step": self.state.step, "final": body})
+
+
+def evaluation_config(saved: FinetuneConfig, given: FinetuneConfig) -> FinetuneConfig:
+    """A fine-tuned run's config with what `--eval-only` may choose taken from `given`: the eval set,
+    frames, missing modalities, and where and how it runs."""
+    c, t, d = given.classify, given.train, given.data
+    return dataclasses.replace(
+        saved,
+        classify=dataclasses.replace(saved.classify, eval_data=c.eval_data or saved.classify.eval_data,
+                                     eval_frames=c.eval_frames, eval_missing=c.eval_missing, eval_only=True),
+        train=dataclasses.replace(saved.train, out=t.out, resume=t.resume, device=t.device, precision=t.precision,
+                                  threads=t.threads, batch_size=t.batch_size),
+        data=dataclasses.replace(saved.data, loader=d.loader, workers=d.workers))
 
 
 def init_files(init: str) -> list[Path]:
