@@ -236,9 +236,9 @@ class Finetuner:
         s, t = self.state, self.cfg.train
         reason = self.stopper.check(s.step % t.log_every == 0 or s.batch == self.per_epoch)
         epoch_end = s.batch == self.per_epoch or s.step == self.schedule.total
-        if epoch_end and reason is None:
+        if epoch_end:  # a stop here still keeps the epoch's weights; only its score is skipped
             self._flush()
-            self._end_of_epoch()
+            self._end_of_epoch(score=reason is None)
         if reason or epoch_end or (t.save_every and s.step % t.save_every == 0):
             self.save(f"stop: {reason}" if reason else "epoch end" if epoch_end else "periodic")
         elif s.step % t.log_every == 0:
@@ -251,11 +251,11 @@ class Finetuner:
         if record is not None:
             self.state.metrics = record
 
-    def _end_of_epoch(self) -> None:
+    def _end_of_epoch(self, score: bool) -> None:
         """Score the eval set (appended to metrics.jsonl) and keep this epoch's weights for averaging."""
         epoch = self.state.step / self.per_epoch
         every = self.cfg.classify.eval_every
-        if self.task.eval is not None and every and round(epoch) % every == 0:
+        if score and self.task.eval is not None and every and round(epoch) % every == 0:
             stats = self._score(frames=1)
             if self.main:
                 record = {"step": self.state.step, "epoch": round(epoch, 3), "eval": _headline(stats)}
