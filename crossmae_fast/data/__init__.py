@@ -12,15 +12,16 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from crossmae_fast.config import LOADERS
+
 if TYPE_CHECKING:
     from crossmae_fast.config import DataConfig
     from crossmae_fast.data.clips import ClipLoader
 
-BACKENDS = ("dali", "torch")
 log = logging.getLogger("crossmae_fast.data")
 _warned = False
 
-__all__ = ["BACKENDS", "make_loader"]
+__all__ = ["make_loader"]
 
 
 def make_loader(
@@ -44,8 +45,8 @@ def make_loader(
     backend = data_config.loader if backend is None else backend
     num_workers = data_config.workers if num_workers is None else num_workers
     video = data_config.video if video is None else video
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend not in LOADERS:
+        raise ValueError(f"backend={backend!r} is not one of {LOADERS}")
     cls = TorchLoader
     if backend == "dali":
         try:
