@@ -314,6 +314,7 @@ class Trainer:
 
     def _evaluate(self, manifest) -> dict | None:
         """The validator's result on `manifest`, appended to metrics.jsonl."""
+        self.model.eval()
         try:
             result = self.validator(self.model, manifest)
         except Exception as e:  # training results are saved already; report and carry on
