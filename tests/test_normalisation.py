@@ -59,7 +59,7 @@ def test_loaders_use_manifest_stats_unless_overridden(stats_set, tmp_path, backe
 
     def first_clip(manifest, **over):
         loader = make_loader(manifest, backend=backend, batch_size=1, train=False,
-                             data_config=data_config(model_config("tiny"), **over), num_workers=0)
+                             data_config=data_config(model_config("tiny"), workers=0, **over))
         assert loader.cfg.audio_mean is not None  # resolved when the loader is built
         return next(iter(loader))["audio"][0].double()
 
