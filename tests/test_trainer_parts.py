@@ -184,3 +184,42 @@ def test_train_state_carries_whole_epochs_and_round_trips():
     assert set(s.state_dict()) < set(ckpt.REQUIRED)  # the checkpoint's keys come from the state's fields
     with pytest.raises(KeyError):
         back.load_state_dict({"step": 5, "epoch": 1, "batch": 1, "rng": [{}]})  # no `metrics`
+
+
+# --- TensorBoard ------------------------------------------------------------------------------------
+
+
+def test_metrics_log_writes_tensorboard_scalars_on_the_main_rank(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mlog = MetricsLog(tmp_path, total=4, per_epoch=2, global_batch=4, is_main=True, tensorboard=True)
+    step = FakeStep({"loss": 0.5, "contrastive": 0.25})
+    step.count = 2
+    mlog.flush(step, 2, 1e-3)
+    mlog.append({"step": 4, "eval": {"retrieval": {"a2v": {"r1": 0.75}}, "manifest": "x.json"}})
+    mlog.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "contrastive", "lr", "epoch", "eval/retrieval/a2v/r1"} <= set(tags) and "step" not in tags
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/retrieval/a2v/r1")] == [(4, 0.75)]
+    other = tmp_path / "rank1"
+    MetricsLog(other, total=4, per_epoch=2, global_batch=4, is_main=False, tensorboard=True).close()
+    assert not other.exists()  # only the main rank writes
+
+
+def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+        MetricsLog(tmp_path, total=4, per_epoch=2, global_batch=4, is_main=True, tensorboard=True)
