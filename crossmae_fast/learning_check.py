@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from crossmae_fast.config import LOADERS, run_config
+from crossmae_fast.files import atomic_write
 
 
 def run_logged(cmd: list[str], log: Path) -> float:
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     table = learning_check_markdown(results)
     for prefix in [out / "results"] + ([Path(a.report)] if a.report else []):
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        prefix.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-        prefix.with_suffix(".md").write_text("# Learning check: tiny preset on the synthetic set\n\n" + table)
+        atomic_write(prefix.with_suffix(".json"), json.dumps(results, indent=1, default=str) + "\n")
+        atomic_write(prefix.with_suffix(".md"), "# Learning check: tiny preset on the synthetic set\n\n" + table)
     print(table)
     return 0
 

@@ -32,6 +32,7 @@ from crossmae_fast.components.rng import gather_rng, seed_all, set_rng_state
 from crossmae_fast.components.stopping import Stopper
 from crossmae_fast.config import RunConfig
 from crossmae_fast.data import normalisation
+from crossmae_fast.files import atomic_write
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.train.step import TrainStep, make_optimizer
 
@@ -222,7 +223,7 @@ class Trainer:
                  t.batch_size * self.world, sched.base_lr, sched.warmup, t.out)
         # the same keys as a --config file: `--config OUT/config.json` repeats the run
         settable = options.settable(RunConfig, self.cfg.to_dict())
-        Path(t.out, "config.json").write_text(json.dumps(settable, indent=1) + "\n")
+        atomic_write(Path(t.out, "config.json"), json.dumps(settable, indent=1) + "\n")
         if self.state.step >= sched.total:
             log.info("run already complete at step %d (raise --steps / --epochs to train longer)", self.state.step)
 
