@@ -67,8 +67,9 @@ def set_threads(threads: int, device: torch.device) -> None:
 
 
 class Trainer:
-    """Pre-trains `CrossMAE` as `cfg` says: `Trainer(cfg).fit()` returns a summary (steps, last
-    metrics, checkpoint, why it stopped, evaluation). One per process under torchrun (DDP)."""
+    """Pre-trains `CrossMAE` as `cfg` says: `Trainer(cfg, validator).fit()` returns a summary (steps,
+    last metrics, checkpoint, why it stopped, and the validator's result after a complete run on the
+    eval manifest; no evaluation without a validator). One per process under torchrun (DDP)."""
 
     # set up by `fit`: this process's place, then the parts of the run
     device: torch.device
