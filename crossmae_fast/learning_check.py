@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     out, t0 = Path(a.out), time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    paths = cached_synthetic_set(a.clips, seed=0, seconds=run_config().train.synth_seconds, image_size=64,
+    tiny = run_config()  # the default run's synthetic-set settings
+    paths = cached_synthetic_set(a.clips, seed=0, seconds=tiny.train.synth_seconds, image_size=tiny.model.image_size,
                                  eval_fraction=a.eval_clips / a.clips)
     try:
         jobs, seconds = train_all(a, paths["train"], out)
