@@ -45,14 +45,14 @@ def pretrained_model_config(init: str | None) -> dict | None:
     if init in (None, "none"):
         return None
     from crossmae_fast.classify.finetuner import init_files
-    from crossmae_fast.train.checkpoint import load_checkpoint
+    from crossmae_fast.components.checkpoint import load_checkpoint
 
     files = init_files(init)
     try:
         state = load_checkpoint(files[0])
     except ValueError:
         return None  # exported encoders or an ImageNet checkpoint: the sizes come from the options
-    model = dict(state["config"]["model"] if "config" in state else state["model_config"])
+    model = dict(state["config"]["model"])
     for name in ("audio_frames",):  # input length: the fine-tuning data's, from the options or the preset
         model.pop(name, None)
     return model
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from crossmae_fast.classify.finetuner import Finetuner
-    from crossmae_fast.train import distributed
-    from crossmae_fast.train.metrics import NonFiniteLoss
+    from crossmae_fast.components import distributed
+    from crossmae_fast.components.metrics_log import NonFiniteLoss
 
     try:
         summary = Finetuner(cfg).fit()

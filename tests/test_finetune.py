@@ -14,9 +14,9 @@ import torch
 
 from crossmae_fast import finetune
 from crossmae_fast.classify.step import ClassifyStep
+from crossmae_fast.components import checkpoint as ckpt
 from crossmae_fast.config import model_config
 from crossmae_fast.model.crossmae import CrossMAE
-from crossmae_fast.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def pretrained(tmp_path_factory):
     cfg = model_config("tiny")
     torch.manual_seed(5)
     state = {"model": CrossMAE(cfg).state_dict(), "optimizer": {}, "step": 1, "epoch": 0, "batch": 1, "rng": [],
-             "config": {"model": cfg.to_dict()}}
+             "metrics": {}, "world_size": 1, "config": {"model": cfg.to_dict()}}
     ckpt.save_checkpoint(folder, state, keep=1)
     return folder
 

@@ -20,16 +20,19 @@ from crossmae_fast import options
 from crossmae_fast.classify import predict as P
 from crossmae_fast.classify.step import ClassifyStep
 from crossmae_fast.classify.task import Task, build_task, few_label_subset
+from crossmae_fast.components import checkpoint as ckpt
+from crossmae_fast.components import distributed
+from crossmae_fast.components.checkpoint import TrainState
+from crossmae_fast.components.lr_schedule import schedule_for
+from crossmae_fast.components.metrics_log import MetricsLog, format_eta
+from crossmae_fast.components.rng import gather_rng, seed_all, set_rng_state
+from crossmae_fast.components.stopping import Stopper
 from crossmae_fast.config import FinetuneConfig
 from crossmae_fast.data import normalisation
 from crossmae_fast.data.augment import batch_rng, mixup
+from crossmae_fast.files import atomic_write
 from crossmae_fast.model.classifier import Classifier, num_parameters, param_groups
-from crossmae_fast.train import checkpoint as ckpt
-from crossmae_fast.train import distributed
-from crossmae_fast.train.metrics import MetricsLog, format_eta
-from crossmae_fast.train.rng import gather_rng, seed_all, set_rng_state
-from crossmae_fast.train.stopping import Stopper
-from crossmae_fast.train.trainer import Schedule, TrainState, fetch, set_threads
+from crossmae_fast.train.trainer import next_batch_keep_rng, set_threads
 
 log = logging.getLogger("crossmae_fast.finetune")
 
@@ -141,16 +144,15 @@ class Finetuner:
         self.model.to(self.device)
         self.loader = self._loader()
         self.per_epoch = len(self.loader)
-        total = t.total_steps(self.per_epoch)
-        self.schedule = Schedule(t.base_lr(t.batch_size * self.world), t.min_lr,
-                                 t.warmup_steps(total, self.per_epoch), total)
+        self.schedule = schedule_for(t, self.per_epoch, t.batch_size * self.world)
+        total = self.schedule.total
         groups = param_groups(self.model, t.weight_decay, c.layer_decay, c.head_lr_scale)
         self.optimizer = torch.optim.AdamW(groups, lr=self.schedule.base_lr, betas=(0.9, 0.999),
                                            capturable=self.device.type == "cuda")
         if resume is not None:
             self.model.load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
-            self.state = TrainState.from_checkpoint(resume)
+            self.state.load_state_dict(resume)
             set_rng_state(self.state.rng[self.rank])
         else:
             seed_all(t.seed + self.rank)
@@ -159,7 +161,7 @@ class Finetuner:
         s = c.label_smoothing
         self.targets = self.targets * (1 - s) + s / n
         self.step = self._step()
-        self.metrics = MetricsLog(self.out, total=total, per_epoch=self.per_epoch, main=self.main,
+        self.metrics = MetricsLog(self.out, total=total, per_epoch=self.per_epoch, is_main=self.main,
                                   global_batch=t.batch_size * self.world, step=self.state.step,
                                   seconds=float(self.state.metrics.get("time_s", 0.0)))
         self.stopper = Stopper(t.time_limit, self.world, self.device)
@@ -169,8 +171,9 @@ class Finetuner:
 
         t = self.cfg.train
         loader = make_loader(self.task.train, batch_size=t.batch_size, train=True, data_config=self.cfg.data,
-                             device=self.device, rank=self.rank, world_size=self.world, seed=t.seed,
-                             weights=self.task.weights)
+                             device=self.device, rank=self.rank, world_size=self.world, seed=t.seed)
+        if self.task.weights is not None:
+            loader.set_weights(self.task.weights)
         if len(loader) == 0:
             raise ValueError(f"train set {self.task.train}: too few clips for one batch of {t.batch_size} x "
                              f"{self.world} processes; lower --batch-size")
@@ -206,14 +209,14 @@ class Finetuner:
     def _run(self) -> None:
         s = self.state
         while s.step < self.schedule.total and self.stopped is None:
-            s.normalise(self.per_epoch)
+            s.carry_epochs(self.per_epoch)
             self.loader.set_epoch(s.epoch, start_batch=s.batch)
             self._epoch(iter(self.loader))
 
     def _epoch(self, batches) -> None:
         s, c = self.state, self.cfg.classify
         while s.step < self.schedule.total and s.batch < self.per_epoch:
-            batch = fetch(batches)
+            batch = next_batch_keep_rng(batches)
             if batch is None:
                 if not self.stopper.signal:
                     raise RuntimeError(f"data loader ended after {s.batch} of {self.per_epoch} batches")
@@ -264,7 +267,7 @@ class Finetuner:
         k = self.cfg.classify.average_last
         if self.main and k > 1:
             path = self.out / f"weights-epoch-{round(epoch * 1000):07d}.pt"
-            ckpt.atomic_write(path, lambda f: torch.save(self.model.state_dict(), f))
+            atomic_write(path, lambda f: torch.save(self.model.state_dict(), f))
             for old in sorted(self.out.glob("weights-epoch-*.pt"))[:-k]:
                 old.unlink(missing_ok=True)
 
@@ -283,10 +286,9 @@ class Finetuner:
         self.state.rng = gather_rng()
         if self.main:
             s = dataclasses.replace(self.state)
-            s.normalise(self.per_epoch)
-            state = {"model": self.model.state_dict(), "optimizer": ckpt.optimizer_state(self.optimizer),
-                     "step": s.step, "epoch": s.epoch, "batch": s.batch, "rng": s.rng, "world_size": self.world,
-                     "config": self.cfg.to_dict(), "metrics": s.metrics, "labels": list(self.task.labels.mids)}
+            s.carry_epochs(self.per_epoch)
+            state = {**ckpt.checkpoint_state(self.model, self.optimizer, self.cfg, self.world, s),
+                     "labels": list(self.task.labels.mids)}
             path = ckpt.save_checkpoint(self.out, state, self.cfg.train.keep)
             log.info("checkpoint (%s): %s", reason, path)
         distributed.barrier()
@@ -323,12 +325,12 @@ class Finetuner:
                 "seed": self.cfg.train.seed, "train_clips": len(self.task.train_targets),
                 "eval_clips": len(self.task.eval_targets)}
         body = {**meta, **{k: _headline(v) for k, v in result.items()}}
-        ckpt.atomic_write(folder / "metrics.json", lambda f: f.write((json.dumps(body, indent=1) + "\n").encode()))
+        atomic_write(folder / "metrics.json", json.dumps(body, indent=1) + "\n")
         final, labels = result["final"], self.task.labels
         rows = zip(labels.mids, labels.names, final["per_class_ap"], final["per_class_auc"])
         lines = ["index,mid,display_name,ap,auc"] + [
             f"{i},{m},\"{n}\",{ap:.6f},{auc:.6f}" for i, (m, n, ap, auc) in enumerate(rows)]
-        ckpt.atomic_write(folder / "per_class.csv", lambda f: f.write(("\n".join(lines) + "\n").encode()))
+        atomic_write(folder / "per_class.csv", "\n".join(lines) + "\n")
         P.save_predictions(folder, self.task.eval_ids, *self.predictions, self.task.eval_targets)
         self.metrics.append({"step": self.state.step, "final": body})
 

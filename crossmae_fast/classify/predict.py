@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from crossmae_fast.components import distributed
 from crossmae_fast.config import DataConfig
 from crossmae_fast.eval.classification import classification_stats
-from crossmae_fast.train import distributed
+from crossmae_fast.files import atomic_write
 
 
 def frame_choice(n: int, num_frames: int, eval_frame: int) -> list[int]:
@@ -75,8 +76,6 @@ def score(index: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor) -> d
 def save_predictions(folder: Path, ids: list[str], index: torch.Tensor, scores: torch.Tensor,
                      targets: torch.Tensor) -> Path:
     """`predictions.pt`: clip ids, scores (logits or averaged probabilities) and targets, weights_only-safe."""
-    from crossmae_fast.train.checkpoint import atomic_write
-
     state = {"video_id": [ids[i] for i in index.tolist()], "scores": scores, "targets": targets[index]}
     path = Path(folder) / "predictions.pt"
     atomic_write(path, lambda f: torch.save(state, f))

@@ -109,8 +109,7 @@ class ClipLoader:
 
     def __init__(
         self, manifest: str | Path, *, batch_size: int, train: bool, data_config: DataConfig, device,
-        rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0,
-        drop_last: bool | None = None, video: bool = False, weights: np.ndarray | None = None,
+        rank: int = 0, world_size: int = 1, seed: int = 0, drop_last: bool | None = None,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
@@ -118,14 +117,20 @@ class ClipLoader:
         self.clips = ClipSet(manifest, data_config)
         self.cfg, self.batch_size, self.train = data_config, batch_size, train
         self.device, self.rank, self.world_size = device, rank, world_size
-        self.num_workers, self.seed, self.video = num_workers, seed, video
+        self.num_workers, self.seed, self.video = data_config.workers, seed, data_config.video
         self.drop_last = train if drop_last is None else drop_last
-        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
-        if self.weights is not None and self.weights.shape != (len(self.clips),):
-            raise ValueError(f"{manifest}: {len(self.weights)} sampling weights for {len(self.clips)} rows")
+        self.weights: np.ndarray | None = None
         self.epoch, self.start_batch = 0, 0
         self.stats = LoaderStats()
         self.batches()  # validates rank / world_size now
+
+    def set_weights(self, weights) -> None:
+        """Balanced sampling: each training epoch draws `len(manifest)` rows with replacement, row `i`
+        with probability proportional to `weights[i]` (the same draw on every rank, then sharded)."""
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(self.clips),):
+            raise ValueError(f"{self.clips.manifest}: {w.size} sampling weights for {len(self.clips)} rows")
+        self.weights = w
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Reshuffle (training) and redraw frames for `epoch`; iteration then starts at batch

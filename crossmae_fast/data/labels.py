@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from crossmae_fast.files import atomic_write
+
 log = logging.getLogger("crossmae_fast.data")
 
 
@@ -84,11 +86,9 @@ def label_csv_text(labels: LabelSet) -> str:
 
 def write_label_csv(path: str | Path, labels: LabelSet) -> Path:
     """Write the label CSV of `labels` atomically."""
-    from crossmae_fast.train.checkpoint import atomic_write
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(label_csv_text(labels).encode()))
+    atomic_write(path, label_csv_text(labels))
     return path
 
 
@@ -175,10 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ManifestError, LabelError, OSError) as e:
         print(f"labels: error: {e}", file=sys.stderr)
         return 2
-    from crossmae_fast.train.checkpoint import atomic_write
-
-    text = "".join(f"{x:.6f}\n" for x in weights)
-    atomic_write(Path(args.out), lambda f: f.write(text.encode()))
+    atomic_write(Path(args.out), "".join(f"{x:.6f}\n" for x in weights))
     print(f"{args.out}: {len(weights)} weights over {len(labels)} classes")
     return 0
 

@@ -48,8 +48,8 @@ class InitReport:
 def _read(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, tuple[int, int]], list[str]]:
     """({encoder prefix: its state dict}, {prefix: grid of the source's position embedding}, unused keys)."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and ("config" in obj or "model_config" in obj):
-        cfg = ModelConfig(**(obj["config"]["model"] if "config" in obj else obj["model_config"]))
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and "config" in obj:
+        cfg = ModelConfig(**obj["config"]["model"])
         parts: dict[str, dict] = {"audio_encoder": {}, "image_encoder": {}}
         unused = []
         for k, v in obj["model"].items():
