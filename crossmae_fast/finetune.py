@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     from crossmae_fast.classify.finetuner import Finetuner
     from crossmae_fast.components import distributed
     from crossmae_fast.components.metrics_log import NonFiniteLoss
+    from crossmae_fast.eval import classification_stats
 
     try:
-        summary = Finetuner(cfg).fit()
+        summary = Finetuner(cfg, classification_stats).fit()
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 1

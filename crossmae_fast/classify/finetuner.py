@@ -23,16 +23,16 @@ from crossmae_fast.classify.task import Task, build_task, few_label_subset
 from crossmae_fast.components import checkpoint as ckpt
 from crossmae_fast.components import distributed
 from crossmae_fast.components.checkpoint import TrainState
+from crossmae_fast.components.distributed import set_threads
 from crossmae_fast.components.lr_schedule import schedule_for
 from crossmae_fast.components.metrics_log import MetricsLog, format_eta
-from crossmae_fast.components.rng import gather_rng, seed_all, set_rng_state
+from crossmae_fast.components.rng import gather_rng, next_batch_keep_rng, seed_all, set_rng_state
 from crossmae_fast.components.stopping import Stopper
 from crossmae_fast.config import FinetuneConfig
 from crossmae_fast.data import normalisation
 from crossmae_fast.data.augment import batch_rng, mixup
 from crossmae_fast.files import atomic_write
 from crossmae_fast.model.classifier import Classifier, num_parameters, param_groups
-from crossmae_fast.train.trainer import next_batch_keep_rng, set_threads
 
 log = logging.getLogger("crossmae_fast.finetune")
 
@@ -43,10 +43,11 @@ RESUME_FREE = {"train": ckpt.RESUME_FREE["train"], "data": ckpt.RESUME_FREE["dat
 
 
 class Finetuner:
-    """`Finetuner(cfg).fit()` -> summary (steps, final scores, why it stopped). One per process (DDP)."""
+    """`Finetuner(cfg, scorer).fit()` -> summary (steps, final scores, why it stopped). One per process
+    (DDP). `scorer(scores, targets)` computes the eval set's metrics (`eval.classification_stats`)."""
 
-    def __init__(self, cfg: FinetuneConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: FinetuneConfig, scorer: P.Scorer):
+        self.cfg, self.scorer = cfg, scorer
         self.state = TrainState()
         self.stopped: str | None = None
         self.lr = 0.0
@@ -163,7 +164,7 @@ class Finetuner:
         self.step = self._step()
         self.metrics = MetricsLog(self.out, total=total, per_epoch=self.per_epoch, is_main=self.main,
                                   global_batch=t.batch_size * self.world, step=self.state.step,
-                                  seconds=float(self.state.metrics.get("time_s", 0.0)))
+                                  seconds=float(self.state.metrics.get("time_s", 0.0)), tensorboard=t.tensorboard)
         self.stopper = Stopper(t.time_limit, self.world, self.device)
 
     def _loader(self):
@@ -275,7 +276,7 @@ class Finetuner:
         index, scores = P.predict(self.model, self.task.eval, self.cfg.data, self.where,
                                   batch_size=self.cfg.train.batch_size, frames=frames, missing=missing,
                                   multi_label=self.task.multi_label, precision=self.precision)
-        stats = P.score(index, scores, self.task.eval_targets)
+        stats = P.score(index, scores, self.task.eval_targets, self.scorer)
         if keep:
             self.predictions = (index, scores)
         return stats
@@ -296,6 +297,13 @@ class Finetuner:
     # --- the end ----------------------------------------------------------------------------------
 
     def _finish(self, evaluate_only: bool = False) -> dict:
+        try:
+            return self._final_scores(evaluate_only)
+        finally:
+            if hasattr(self, "metrics"):
+                self.metrics.close()
+
+    def _final_scores(self, evaluate_only: bool) -> dict:
         summary = {"steps": self.state.step, "stopped": self.stopped, "seconds": getattr(self, "metrics", None)
                    and self.metrics.elapsed()}
         if self.stopped is not None or self.task.eval is None:

@@ -1,17 +1,18 @@
 """Scoring a classifier on an evaluation manifest: logits of every clip (gathered over all ranks,
-repeated rows dropped) and `classification_stats` of the whole set, optionally averaging the
+repeated rows dropped) and the scores of the whole set (the metric is passed in: the command line hands
+over `crossmae_fast.eval.classification_stats`), optionally averaging the
 probabilities over several frames per clip (CAV-MAE's frame aggregation) or with a modality missing."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from crossmae_fast.components import distributed
 from crossmae_fast.config import DataConfig
-from crossmae_fast.eval.classification import classification_stats
 from crossmae_fast.files import atomic_write
 
 
@@ -68,9 +69,13 @@ def _first_occurrence(index: torch.Tensor) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.int64)
 
 
-def score(index: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor) -> dict:
-    """`classification_stats` of the scored rows against their targets."""
-    return classification_stats(scores, targets[index])
+Scorer = Callable[[torch.Tensor, torch.Tensor], dict]
+"""`scorer(scores [N, C], targets [N, C]) -> {"mAP", "mAUC", "d_prime", "acc", "per_class_ap", ...}`."""
+
+
+def score(index: torch.Tensor, scores: torch.Tensor, targets: torch.Tensor, scorer: Scorer) -> dict:
+    """`scorer` of the scored rows against their targets."""
+    return scorer(scores, targets[index])
 
 
 def save_predictions(folder: Path, ids: list[str], index: torch.Tensor, scores: torch.Tensor,

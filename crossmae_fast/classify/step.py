@@ -1,12 +1,13 @@
 """The fine-tuning step: forward, loss against (soft) targets, backward, AdamW with per-group learning
-rates, on the pre-training step's machinery (`TrainStep`: warm-up, one CUDA graph, fallback)."""
+rates (layer decay, head multiplier), eagerly or as one CUDA graph (`GraphStep`, shared with
+pre-training's step)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from crossmae_fast.train.step import TrainStep
+from crossmae_fast.components.graph_step import GraphStep
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -16,34 +17,17 @@ def classification_loss(logits: torch.Tensor, target: torch.Tensor, kind: str) -
     return F.cross_entropy(logits, target)
 
 
-class ClassifyStep(TrainStep):
-    """`step(audio, image, target)`; the learning rate of group g is `lr * g["lr_scale"]` (layer decay,
-    head multiplier). Inputs have static shapes (drop_last batches; mixup and smoothing happen before),
-    so on CUDA the step is captured once and replayed."""
+class ClassifyStep(GraphStep):
+    """`step(audio, image, target)`. Inputs have static shapes (drop_last batches; mixup and label
+    smoothing happen before the step), so on CUDA the step is captured once and replayed."""
 
     def __init__(self, model, optimizer, loss: str, device, precision: str = "fp32", cuda_graph: bool = True,
                  warmup: int = 3, capture=None):
         self.loss_kind = loss
-        self.scales = [g.get("lr_scale", 1.0) for g in optimizer.param_groups]
-        super().__init__(model, optimizer, (), device, precision, cuda_graph, warmup, capture)
+        super().__init__(model, optimizer, ("loss",), device, precision, cuda_graph, warmup, capture)
 
-    def bind_lr(self) -> None:
-        if self.lr is not None:  # one device tensor per group, written between replays
-            self.group_lr = torch.zeros(len(self.opt.param_groups), device=self.device)
-            self.group_scale = torch.tensor(self.scales, device=self.device)
-            for i, g in enumerate(self.opt.param_groups):
-                g["lr"] = self.group_lr[i]
-
-    def set_lr(self, value: float) -> None:
-        if self.lr is not None:
-            self.group_lr.copy_(self.group_scale * value)
-        else:
-            for g, s in zip(self.opt.param_groups, self.scales):
-                g["lr"] = value * s
-
-    def _step(self, audio, image, target, _unused=None) -> None:
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None, cache_enabled=False):
+    def _step(self, audio, image, target) -> None:
+        with self.autocast():
             logits = self.model(audio, image)
         loss = classification_loss(logits.float(), target, self.loss_kind)
         loss.backward()
@@ -51,5 +35,5 @@ class ClassifyStep(TrainStep):
         self.opt.zero_grad(set_to_none=False)
         self.sums += loss.detach().float().view(1)
 
-    def __call__(self, audio: torch.Tensor, image: torch.Tensor, target: torch.Tensor) -> None:  # type: ignore[override]
+    def __call__(self, audio: torch.Tensor, image: torch.Tensor, target: torch.Tensor) -> None:
         super().__call__(audio, image, target)

@@ -5,11 +5,14 @@ Outside torchrun (no `WORLD_SIZE` in the environment) everything degrades to a s
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("crossmae_fast.train")
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,15 @@ def any_true(flag: bool, device: torch.device) -> bool:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_threads(threads: int, device: torch.device) -> None:
+    """`threads=0`: torch's default, except 1 thread on a CPU whose load already fills its cores
+    (OpenMP threads spinning against other processes make a step several times slower)."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+        if torch.get_num_threads() > 1 and load > cores - 0.5:
+            torch.set_num_threads(1)
+            log.info("CPU busy (load %.1f on %d cores): 1 torch thread (--threads N to choose)", load, cores)

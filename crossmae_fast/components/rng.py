@@ -46,3 +46,10 @@ def set_rng_state(state: dict) -> None:
 def gather_rng() -> list[dict]:
     """Every rank's RNG state, in rank order (a collective under DDP: every rank calls it)."""
     return distributed.all_gather_object(rng_state())
+
+
+def next_batch_keep_rng(iterator):
+    """Next batch (None at the end) without touching the default CPU RNG (a DataLoader draws its base
+    seed from it), so the masking noise depends only on the step count and resume is exact."""
+    with torch.random.fork_rng(devices=[]):
+        return next(iterator, None)

@@ -26,9 +26,10 @@ from crossmae_fast import options
 from crossmae_fast.components import checkpoint as ckpt
 from crossmae_fast.components import distributed
 from crossmae_fast.components.checkpoint import TrainState
+from crossmae_fast.components.distributed import set_threads
 from crossmae_fast.components.lr_schedule import Schedule, schedule_for
 from crossmae_fast.components.metrics_log import MetricsLog, format_eta
-from crossmae_fast.components.rng import gather_rng, seed_all, set_rng_state
+from crossmae_fast.components.rng import gather_rng, next_batch_keep_rng, seed_all, set_rng_state
 from crossmae_fast.components.stopping import Stopper
 from crossmae_fast.config import RunConfig
 from crossmae_fast.data import normalisation
@@ -45,25 +46,6 @@ log = logging.getLogger("crossmae_fast.pretrain")
 Validator = Callable[[torch.nn.Module, "str | Path"], dict]
 """`validator(model, manifest)`: the evaluation that ends a complete run (main process only); its result
 is returned in the summary and appended to the metrics log."""
-
-
-def next_batch_keep_rng(iterator):
-    """Next batch (None at the end) without touching the default CPU RNG (a DataLoader draws its base
-    seed from it), so the masking noise depends only on the step count and resume is exact."""
-    with torch.random.fork_rng(devices=[]):
-        return next(iterator, None)
-
-
-def set_threads(threads: int, device: torch.device) -> None:
-    """`threads=0`: torch's default, except 1 thread on a CPU whose load already fills its cores
-    (OpenMP threads spinning against other processes make a step several times slower)."""
-    if threads:
-        torch.set_num_threads(threads)
-    elif device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
-        load, cores = os.getloadavg()[0], os.cpu_count() or 1
-        if torch.get_num_threads() > 1 and load > cores - 0.5:
-            torch.set_num_threads(1)
-            log.info("CPU busy (load %.1f on %d cores): 1 torch thread (--threads N to choose)", load, cores)
 
 
 class Trainer:
