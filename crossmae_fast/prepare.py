@@ -14,6 +14,7 @@ import sys
 
 from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
 from crossmae_fast.data.extract import prepare
+from crossmae_fast.files import error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
                           image_size=a.image_size, sample_rate=a.sample_rate, progress=not a.quiet)
     except (FileNotFoundError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out cannot be written (permissions, read-only, a full disk)
+        print(f"prepare: error: {error_line(e)}", file=sys.stderr)
         return 2
     print(summary)
     return 0 if summary.done + summary.already else 1

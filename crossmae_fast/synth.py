@@ -14,6 +14,7 @@ import sys
 import time
 
 from crossmae_fast.config import SYNTH_SECONDS
+from crossmae_fast.files import error_line
 from crossmae_fast.data.synthetic import make_synthetic_set
 
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                                    threads=a.threads)
     except ValueError as e:
         print(f"synth: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out cannot be written (permissions, read-only, a full disk)
+        print(f"synth: error: {error_line(e)}", file=sys.stderr)
         return 2
     counts = {k: len(json.loads(p.read_text())["data"]) for k, p in paths.items()}
     print(f"synth: {a.clips} clips ({counts['train']} train, {counts['eval']} eval) in "
