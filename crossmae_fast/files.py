@@ -4,6 +4,7 @@ and the one way a tool words an output it cannot write."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +19,18 @@ class WriteError(OSError):
         return f"cannot write {self.filename}: [Errno {self.errno}] {self.strerror}"
 
 
+WRITE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG,
+                          errno.ENOTDIR, errno.EISDIR, errno.EEXIST})
+"""The errnos of an output that cannot be written (a folder in the way counts: ENOTDIR, EEXIST)."""
+
+
 def error_line(e: OSError) -> str:
-    """One line for a failed file operation: the path and the errno (`cannot write runs/x/checkpoint.pt:
-    [Errno 28] No space left on device`)."""
+    """One line for a failed file operation, naming the path and the errno (`cannot write
+    runs/x/checkpoint-00000004.pt: [Errno 28] No space left on device`)."""
     if isinstance(e, WriteError) or e.errno is None:
         return str(e).splitlines()[0] if str(e) else type(e).__name__
-    name = f"{e.filename}: " if e.filename is not None else ""
+    what = "cannot write " if e.errno in WRITE_ERRNOS else ""
+    name = f"{what}{e.filename}: " if e.filename is not None else what
     return f"{name}[Errno {e.errno}] {e.strerror}"
 
 
