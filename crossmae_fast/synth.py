@@ -14,8 +14,8 @@ import sys
 import time
 
 from crossmae_fast.config import SYNTH_SECONDS
-from crossmae_fast.files import error_line
 from crossmae_fast.data.synthetic import make_synthetic_set
+from crossmae_fast.files import error_line
 
 
 def build_parser() -> argparse.ArgumentParser:

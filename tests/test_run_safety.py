@@ -144,6 +144,35 @@ def test_full_disk_mid_run_keeps_the_last_good_checkpoint(tiny_set, tmp_path, mo
     ckpt.load_checkpoint(out / ckpt.checkpoint_name(2))
 
 
+def test_full_disk_in_the_metrics_log_names_the_kept_checkpoint(tiny_set, tmp_path, monkeypatch, capsys):
+    from crossmae_fast.components import metrics_log
+
+    class FullDisk:
+        """metrics.jsonl opened for appending on a disk that fills at the step-3 record."""
+
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            if json.loads(text)["step"] == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return self.f.write(text)
+
+    monkeypatch.setattr(metrics_log, "open", FullDisk, raising=False)
+    out = tmp_path / "run"
+    assert pretrain.main(argv(tiny_set["train"], out, "--steps", "4", "--save-every", "2")) == 2
+    lines = error_lines(capsys)
+    assert len(lines) == 1, lines
+    assert f"cannot write {out / 'metrics.jsonl'}: [Errno 28]" in lines[0]
+    assert f"the last good checkpoint {out / ckpt.checkpoint_name(2)} is kept" in lines[0]
+
+
 def test_read_only_run_folder_is_one_line(tiny_set, tmp_path, monkeypatch, capsys):
     full_disk_at(monkeypatch, "config.json", errno.EROFS)
     assert pretrain.main(argv(tiny_set["train"], tmp_path / "run", "--steps", "1")) == 2

@@ -33,7 +33,7 @@ from crossmae_fast.components.run_lock import hold_run_folder
 from crossmae_fast.components.stopping import Stopper
 from crossmae_fast.config import RunConfig
 from crossmae_fast.data import normalisation
-from crossmae_fast.files import WriteError, atomic_write
+from crossmae_fast.files import WRITE_ERRNOS, WriteError, atomic_write
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.train.step import TrainStep, make_optimizer
 
@@ -116,7 +116,10 @@ class Trainer:
         self._build(resume, manifests["train"])
         self._announce()
         with self.stopper:
-            self._run()
+            try:
+                self._run()
+            except OSError as e:
+                raise self._write_failed(e) from None
         return self._finish(manifests.get("eval"))
 
     def _start_process(self) -> None:
@@ -313,21 +316,20 @@ class Trainer:
         if self.is_main:
             state = dataclasses.replace(self.state)
             state.carry_epochs(self.per_epoch)
-            self.checkpoint = self._write(ckpt.checkpoint_state(self.model, self.optimizer, self.cfg, self.world,
-                                                                state))
+            self.checkpoint = ckpt.save_checkpoint(
+                self.cfg.train.out, ckpt.checkpoint_state(self.model, self.optimizer, self.cfg, self.world, state),
+                self.cfg.train.keep)
             log.info("checkpoint (%s): %s", reason, self.checkpoint)
         distributed.barrier()
 
-    def _write(self, state: dict) -> Path:
-        """Save a checkpoint; a write that fails (a full disk) keeps the last good one and says which."""
-        out = self.cfg.train.out
-        try:
-            return ckpt.save_checkpoint(out, state, self.cfg.train.keep)
-        except OSError as e:
-            kept = ckpt.latest_checkpoint(out)
-            raise WriteError(e.errno, f"{e.strerror}; stopped at step {state['step']}, the last good checkpoint "
-                                      f"{kept or '(none)'} is kept: free space, then --resume auto",
-                             e.filename) from None
+    def _write_failed(self, e: OSError) -> OSError:
+        """A write that failed mid-run (a full disk: a checkpoint, the metrics log) as a `WriteError` that
+        also names the last good checkpoint, which atomic writes leave intact; other errors unchanged."""
+        if not isinstance(e, WriteError) and e.errno not in WRITE_ERRNOS:
+            return e
+        kept = ckpt.latest_checkpoint(self.cfg.train.out)
+        return WriteError(e.errno, f"{e.strerror}; stopped at step {self.state.step}, the last good checkpoint "
+                                   f"{kept or '(none)'} is kept: free space, then --resume auto", e.filename)
 
     # --- the end ----------------------------------------------------------------------------------
 
