@@ -72,6 +72,19 @@ def test_lock_names_the_holder_and_is_released_by_kill_9(tmp_path):
     assert lock._fd is None
 
 
+def test_only_the_main_rank_takes_the_lock(tmp_path):
+    from crossmae_fast.components.run_lock import hold_run_folder
+
+    with hold_run_folder(tmp_path / "run", is_main=True):
+        with hold_run_folder(tmp_path / "run", is_main=False):  # another rank of the same run: trusts rank 0
+            pass
+        with pytest.raises(RunFolderBusy):
+            with hold_run_folder(tmp_path / "run", is_main=True):
+                pass
+    with hold_run_folder(tmp_path / "run", is_main=True):  # released at the end of the block
+        pass
+
+
 def test_second_run_on_a_held_folder_writes_nothing(tiny_set, tmp_path, capsys):
     out = tmp_path / "run"
     proc = holder(out)
@@ -315,3 +328,18 @@ def test_evaluate_refuses_empty_manifest_and_bad_counts(tiny_set, tmp_path, caps
         assert e.value.code == 2
         lines = error_lines(capsys)
         assert len(lines) == 1 and flag in lines[0], lines
+
+
+def test_probe_features_count_each_row_once():
+    from crossmae_fast.config import model_config
+    from crossmae_fast.eval.probe import frozen_features
+    from crossmae_fast.model.crossmae import CrossMAE
+
+    cfg = model_config("tiny", ops="reference")
+    model = CrossMAE(cfg).eval()
+    # row 0 was unreadable: its replacement, row 1, is in the same batch
+    loader = [{"audio": torch.randn(4, cfg.audio_frames, cfg.audio_bins),
+               "image": torch.randn(4, 3, cfg.image_size, cfg.image_size), "index": torch.tensor([0, 1, 1, 2])}]
+    with torch.no_grad():
+        a, p = frozen_features(model, loader, max_clips=10)
+    assert len(a) == len(p) == 3

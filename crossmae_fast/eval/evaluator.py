@@ -33,6 +33,7 @@ from crossmae_fast.components.run_lock import RunLock
 from crossmae_fast.config import DataConfig, EvalConfig, data_config
 from crossmae_fast.data import make_loader
 from crossmae_fast.data.box_annotations import center_crop_boxes
+from crossmae_fast.data.clips import first_seen
 from crossmae_fast.data.manifest import frame_path, read_manifest
 from crossmae_fast.eval import pictures
 from crossmae_fast.eval.localization import ClipBoxes, MapScores, clip_boxes
@@ -130,18 +131,6 @@ class _Scan:
     zero_shot: MapScores = dataclasses.field(default_factory=MapScores)
     probed: dict = dataclasses.field(default_factory=dict)
     keep: dict = dataclasses.field(default_factory=dict)
-
-
-def first_seen(index: list[int], done) -> list[int]:
-    """Positions in `index` of the rows not in `done` and not earlier in `index`: a bad clip is replaced
-    by the next good one, which may already be in the same batch or an earlier one, and each row must
-    count once (retrieval pairs unique, localization scores not doubled)."""
-    seen, keep = set(done), []
-    for i, r in enumerate(index):
-        if r not in seen:
-            seen.add(r)
-            keep.append(i)
-    return keep
 
 
 def _scan(model, loader, rows: list[dict], heads: dict, cfg: EvalConfig, frame: int) -> _Scan:
