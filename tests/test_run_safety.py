@@ -308,7 +308,7 @@ def test_replacement_in_the_same_batch_counts_once(tiny_set, tmp_path):
     data = with_bad_audio(tiny_set["eval"], tmp_path / "data", bad=1)  # row 0's replacement is row 1, same batch
     model = CrossMAE(model_config("tiny", ops="reference"))
     for batch in (32, 2):
-        result = evaluate(model, data, EvalConfig(pictures=0, batch_size=batch))
+        result = evaluate(model, data, EvalConfig(pictures=0, batch_size=batch, map_size=64))
         assert result["clips"] == result["localization"]["clips"] == 5, batch
 
 
