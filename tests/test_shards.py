@@ -208,3 +208,15 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(e.startswith("shard: error: ") for e in err)
 
+
+
+def test_open_shard_files_are_capped(sharded, monkeypatch):
+    from crossmae_fast.data import shards as shards_module
+
+    monkeypatch.setattr(shards_module, "MAX_OPEN", 2)
+    _, path = sharded
+    loader = make_loader(path, backend="torch", batch_size=7, train=False, data_config=CFG, num_workers=0)
+    want = torch.cat([b["index"] for b in make_loader(path, backend="torch", batch_size=7, train=False,
+                                                     data_config=CFG, num_workers=0)])
+    assert torch.equal(next(iter(loader))["index"], want) and not loader.stats.bad
+    assert len(loader.clips.store._fds) == 2  # three shards read, the oldest closed

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from crossmae_fast.data.manifest import ManifestError, resolve_paths, validate
 FORMAT = "crossmae-shards"
 INDEX_VERSION = "v1.2"
 AUDIO_EXTS = ("flac", "wav", "ogg")
+MAX_OPEN = 256  # shard descriptors one process keeps open
 log = logging.getLogger("crossmae_fast.data")
 
 
@@ -128,7 +130,7 @@ class ShardStore:
         missing = np.flatnonzero(self.shard < 0)
         if len(missing):
             raise ShardError(f"{path}: {len(missing)} rows (first: {rows[missing[0]]['key']!r}) are in no index")
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
         self._pid = os.getpid()
 
     def _load(self, s: int, entry: dict, where: dict, num_frames: int) -> None:
@@ -154,10 +156,16 @@ class ShardStore:
                     self.frames[i, f] = sample[f"f{f}.jpg"]
 
     def _fd(self, s: int) -> int:
+        """A descriptor of shard `s`; at most `MAX_OPEN` stay open (least recently used closed first),
+        so 2,000 shards fit under the usual 1,024-descriptor limit."""
         if self._pid != os.getpid():  # a forked worker: open its own descriptors
-            self._fds, self._pid = {}, os.getpid()
-        if s not in self._fds:
-            self._fds[s] = os.open(self.tars[s], os.O_RDONLY)
+            self._fds, self._pid = OrderedDict(), os.getpid()
+        if s in self._fds:
+            self._fds.move_to_end(s)
+            return self._fds[s]
+        if len(self._fds) >= MAX_OPEN:
+            os.close(self._fds.popitem(last=False)[1])
+        self._fds[s] = os.open(self.tars[s], os.O_RDONLY)
         return self._fds[s]
 
     def _read(self, row: int, loc: np.ndarray, what: str) -> bytes:
@@ -179,10 +187,10 @@ class ShardStore:
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
-        self._fds = {}
+        self._fds = OrderedDict()
 
     def __getstate__(self) -> dict:  # descriptors do not travel to spawned processes
-        return {**self.__dict__, "_fds": {}}
+        return {**self.__dict__, "_fds": OrderedDict()}
 
     def __del__(self):
         if getattr(self, "_pid", None) == os.getpid():
