@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from optional import MEDIA, needs
+from PIL import Image
 from test_data_loaders import BACKENDS, CFG, needs_dali, write_set
 
 from crossmae_fast import shard
@@ -59,6 +60,8 @@ def test_layout_members_and_manifest(sharded):
                 i = names.index(f"{key}.f0.jpg")
                 assert names[i:i + 12] == sorted(want)  # a sample's members are adjacent
                 assert t.extractfile(f"{key}{ext}").read() == (manifest.parent / src["wav"]).read_bytes()
+                with Image.open(manifest.parent / src["video_path"] / "frame_0" / f"{src['video_id']}.jpg") as im:
+                    assert row["frame_size"] == list(im.size)
                 stored = json.loads(t.extractfile(f"{key}.json").read())
                 assert {k: stored[k] for k in src} == src
             keys_in_tars += keys

@@ -78,10 +78,12 @@ def load_clip(job: tuple[int, dict, dict, int]) -> tuple[int, dict | None, str]:
             path = frame_path(resolved, i)
             with Image.open(path) as im:
                 im.load()
+                size = list(im.size)
             sample[f"f{i}.jpg"] = Path(path).read_bytes()
     except (OSError, ValueError) as e:
         return row, None, f"{type(e).__name__}: {e}"
     sample["json"] = json.dumps({**source, "row": row}, sort_keys=True).encode()
+    sample["__size__"] = size  # the frames' [width, height], for shards.json (not a tar member)
     return row, sample, ""
 
 
@@ -150,17 +152,18 @@ def write_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, clips_p
                     and (out / f"{shard}.idx").exists()):
                 jobs = [(int(r), resolved[r], source[r], frames) for r in rows]
                 loaded = list(pool.imap(load_clip, jobs, chunksize=4))
+                sizes = {r: sample.pop("__size__") for r, sample, _ in loaded if sample is not None}
                 kept = [(keys[r], sample) for r, sample, _ in loaded if sample is not None]
                 failed = [{"row": r, "video_id": resolved[r]["video_id"], "error": why}
                           for r, sample, why in loaded if sample is None]
                 done = {"settings": settings, "entry": _write_shard(out, shard, kept),
-                        "rows": [r for r, sample, _ in loaded if sample is not None], "failures": failed}
+                        "rows": sorted(sizes), "sizes": [sizes[r] for r in sorted(sizes)], "failures": failed}
                 atomic_write(marker, lambda f, d=done: f.write(json.dumps(d).encode()))
                 summary.written += 1
             else:
                 summary.already += 1
             entries.append(done["entry"])
-            placed.update({r: s for r in done["rows"]})
+            placed.update({r: (s, size) for r, size in zip(done["rows"], done["sizes"])})
             summary.failures += done["failures"]
             bar.update(len(rows))
     bar.close()
@@ -183,9 +186,10 @@ def _finish(out: Path, manifest: Path, name: str, resolved, source, keys, placed
         extra[STATS_KEY] = stats
     rows = []
     for r in sorted(placed):
-        tar = entries[placed[r]]["tar"]
+        shard, size = placed[r]
         row = {k: v for k, v in source[r].items() if k not in PATH_FIELDS}
-        rows.append({**row, "wav": tar, "video_path": tar, "shard": placed[r], "key": keys[r]})
+        tar = entries[shard]["tar"]
+        rows.append({**row, "wav": tar, "video_path": tar, "shard": shard, "key": keys[r], "frame_size": size})
     path = write_manifest(out / "shards.json", rows, **extra)
     summary.clips, summary.failed = len(rows), len(summary.failures)
     summary.manifest, summary.seconds = str(path), time.perf_counter() - t0

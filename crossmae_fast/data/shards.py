@@ -8,8 +8,9 @@ Layout of a shard folder (written by `shard_writer.write_shards`, docs/design.md
   a header line `v1.2 <samples>`, then one line per sample listing `<ext> <offset> <size> <name>`
   for each of its members (offsets of the data, after the 512-byte tar header).
 - `shards.json`: a manifest (`"data"` rows in the source manifest's order, so row `i` is the same clip
-  as row `i` of the files it came from) plus `"shards"` (file, index, samples, bytes, sha256),
-  `"fbank_stats"` and `"label_csv"`. A row's `"shard"` and `"key"` say where its members are.
+  as row `i` of the files it came from; `"frame_size"` = the frames' [width, height]) plus `"shards"`
+  (file, index, samples, bytes, sha256), `"fbank_stats"` and `"label_csv"`. A row's `"shard"` and
+  `"key"` say where its members are.
 
 Readers (`ShardStore`) load every index once and then read members by offset (`os.pread`), so the
 loaders keep their own order (epoch permutation, rank split, mid-epoch resume) whatever the layout, and
