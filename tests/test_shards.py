@@ -223,3 +223,22 @@ def test_open_shard_files_are_capped(sharded, monkeypatch):
                                                      data_config=CFG, num_workers=0)])
     assert torch.equal(next(iter(loader))["index"], want) and not loader.stats.bad
     assert len(loader.clips.store._fds) == 2  # three shards read, the oldest closed
+
+
+def test_synth_and_prepare_write_shards(tmp_path, capsys):
+    from media_fixtures import make_mixed_folder
+
+    from crossmae_fast import prepare, synth
+
+    assert synth.main(["--out", str(tmp_path / "syn"), "--clips", "8", "--seed", "2", "--seconds", "0.5",
+                       "--image-size", "16", "--shards", "3"]) == 0
+    for split, n in (("train", 6), ("eval", 2)):
+        rows = read_manifest(tmp_path / "syn" / "shards" / split / "shards.json")
+        source = read_manifest(tmp_path / "syn" / f"{split}.json")
+        assert [r["video_id"] for r in rows] == [r["video_id"] for r in source]
+        assert len(rows) == n and len(list((tmp_path / "syn" / "shards" / split).glob(f"{split}-*.idx"))) == -(-n // 3)
+    make_mixed_folder(tmp_path / "videos")
+    assert prepare.main([str(tmp_path / "videos"), "--out", str(tmp_path / "prep"), "--workers", "1",
+                         "--image-size", "16", "--quiet", "--shards"]) == 0
+    assert len(read_manifest(tmp_path / "prep" / "shards" / "shards.json")) == 2
+    assert "shard manifest:" in capsys.readouterr().out

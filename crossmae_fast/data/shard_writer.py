@@ -167,10 +167,10 @@ def write_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, clips_p
             summary.failures += done["failures"]
             bar.update(len(rows))
     bar.close()
-    return _finish(out, manifest, name, resolved, source, keys, placed, entries, summary, labels, t0)
+    return _finish(out, manifest, source, keys, placed, entries, summary, labels, t0)
 
 
-def _finish(out: Path, manifest: Path, name: str, resolved, source, keys, placed, entries,
+def _finish(out: Path, manifest: Path, source: list[dict], keys: list[str], placed: dict, entries: list[dict],
             summary: ShardSummary, labels, t0: float) -> ShardSummary:
     """failures.jsonl, the label CSV and shards.json (rows in the source order, failed ones left out)."""
     atomic_write(out / "failures.jsonl",
