@@ -19,7 +19,7 @@ from test_data_loaders import BACKENDS, CFG, needs_dali, write_set
 
 from crossmae_fast import shard
 from crossmae_fast.data import make_loader
-from crossmae_fast.data.manifest import read_manifest
+from crossmae_fast.data.manifest import ManifestError, read_manifest
 from crossmae_fast.data.shard_writer import write_shards
 from crossmae_fast.data.shards import index_text, read_index
 
@@ -242,3 +242,16 @@ def test_synth_and_prepare_write_shards(tmp_path, capsys):
                          "--image-size", "16", "--quiet", "--shards"]) == 0
     assert len(read_manifest(tmp_path / "prep" / "shards" / "shards.json")) == 2
     assert "shard manifest:" in capsys.readouterr().out
+
+
+def test_broken_shard_folder_is_one_clear_line(sharded, tmp_path):
+    _, shards = sharded
+    doc = json.loads(shards.read_text())
+    for p in shards.parent.iterdir():
+        if p.is_file():
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    (tmp_path / doc["shards"][1]["tar"]).unlink()
+    (tmp_path / "no_key.json").write_text(json.dumps({**doc, "data": [dict(doc["data"][0], key=None)]}))
+    for name, message in (("shards.json", "shard missing"), ("no_key.json", "row 0: needs 'shard'")):
+        with pytest.raises(ManifestError, match=message):
+            make_loader(tmp_path / name, backend="torch", batch_size=2, train=True, data_config=CFG)

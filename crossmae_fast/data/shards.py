@@ -37,8 +37,8 @@ MAX_OPEN = 256  # shard descriptors one process keeps open
 log = logging.getLogger("crossmae_fast.data")
 
 
-class ShardError(ValueError):
-    """A shard folder that cannot be used (missing or mismatched index, bad shards.json)."""
+class ShardError(ManifestError):
+    """A shard folder that cannot be used (a missing tar or index, a mismatched index, a bad shards.json)."""
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -117,8 +117,14 @@ class ShardStore:
     def __init__(self, path: str | os.PathLike, doc: dict, rows: list[dict], num_frames: int):
         self.root = Path(path).resolve().parent
         shards = doc.get("shards")
-        if not isinstance(shards, list) or not shards:
-            raise ShardError(f"{path}: a shard manifest needs a non-empty 'shards' list")
+        if not isinstance(shards, list) or not shards or not all(
+                isinstance(e, dict) and isinstance(e.get("tar"), str) and isinstance(e.get("index"), str)
+                for e in shards):
+            raise ShardError(f"{path}: a shard manifest needs a non-empty 'shards' list of {{'tar', 'index', ...}}")
+        for i, r in enumerate(rows):
+            shard = r.get("shard")
+            if not (isinstance(shard, int) and 0 <= shard < len(shards) and isinstance(r.get("key"), str)):
+                raise ShardError(f"{path}: row {i}: needs 'shard' (0..{len(shards) - 1}) and 'key'")
         self.tars = [str(self.root / s["tar"]) for s in shards]
         n = len(rows)
         self.shard = np.full(n, -1, np.int32)
@@ -139,7 +145,9 @@ class ShardStore:
         samples = read_index(self.root / entry["index"])
         if len(samples) != entry.get("samples", len(samples)):
             raise ShardError(f"{entry['index']}: {len(samples)} samples, shards.json says {entry['samples']}")
-        size = tar.stat().st_size if tar.exists() else 0
+        if not tar.is_file():
+            raise ShardError(f"{tar}: shard missing")
+        size = tar.stat().st_size
         if size != entry.get("bytes", size):
             log.warning("data: shard %s is %d bytes, shards.json says %d; its clips past the end are replaced",
                         tar.name, size, entry["bytes"])
