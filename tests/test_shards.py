@@ -255,3 +255,20 @@ def test_broken_shard_folder_is_one_clear_line(sharded, tmp_path):
     for name, message in (("shards.json", "shard missing"), ("no_key.json", "row 0: needs 'shard'")):
         with pytest.raises(ManifestError, match=message):
             make_loader(tmp_path / name, backend="torch", batch_size=2, train=True, data_config=CFG)
+
+
+def test_verify_finds_a_damaged_copy(sharded, tmp_path, capsys):
+    manifest, shards = sharded
+    assert shard.main(["--verify", str(shards)]) == 0
+    for p in shards.parent.iterdir():
+        if p.is_file():
+            (tmp_path / p.name).write_bytes(p.read_bytes())
+    tar = tmp_path / "manifest-000001.tar"
+    data = bytearray(tar.read_bytes())
+    data[2000] ^= 0xFF  # one flipped bit-pattern inside a member
+    tar.write_bytes(bytes(data))
+    assert shard.main(["--verify", str(tmp_path / "shards.json")]) == 1
+    assert "manifest-000001.tar: size or SHA-256 differs" in capsys.readouterr().err
+    assert shard.main(["--verify", str(manifest)]) == 1  # a plain manifest is no shard folder
+    with pytest.raises(SystemExit):
+        shard.main([str(manifest)])  # writing needs --out

@@ -202,3 +202,26 @@ def _progress(total: int, show: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="clip", desc="shard", disable=not show)
+
+
+def verify_shards(path: str | os.PathLike) -> list[str]:
+    """Problems of a shard folder (empty: sound): each tar's size and SHA-256 against `shards.json`, and
+    its members' headers against its index (a copy that was cut short or altered shows here)."""
+    from crossmae_fast.data.shards import is_shard_manifest, read_document
+
+    path = Path(path)
+    doc = read_document(path)
+    if not is_shard_manifest(doc):
+        return [f"{path}: not a shard manifest"]
+    problems = []
+    for entry in doc.get("shards") or []:
+        tar, idx = path.parent / entry["tar"], path.parent / entry["index"]
+        if not tar.is_file() or not idx.is_file():
+            problems.append(f"{entry['tar']}: {'tar' if not tar.is_file() else 'index'} missing")
+            continue
+        if tar.stat().st_size != entry.get("bytes") or _sha256(tar) != entry.get("sha256"):
+            problems.append(f"{entry['tar']}: size or SHA-256 differs from shards.json")
+            continue
+        if index_text(tar_members(tar)) != idx.read_text():
+            problems.append(f"{entry['index']}: does not match its tar")
+    return problems
