@@ -87,9 +87,8 @@ def read_index(path: str | os.PathLike) -> list[dict[str, tuple[int, int]]]:
         parts = line.split()
         if not parts or len(parts) % 4:
             raise ShardError(f"{path}: line {n}: expected '<ext> <offset> <size> <name>' per member")
-        sample: dict = {"__key__": split_name(parts[3])[0]}
-        for j in range(0, len(parts), 4):
-            sample[parts[j]] = (int(parts[j + 1]), int(parts[j + 2]))
+        sample: dict = dict(zip(parts[0::4], zip(map(int, parts[1::4]), map(int, parts[2::4]))))
+        sample["__key__"] = split_name(parts[3])[0]
         samples.append(sample)
     return samples
 
@@ -151,18 +150,19 @@ class ShardStore:
         if size != entry.get("bytes", size):
             log.warning("data: shard %s is %d bytes, shards.json says %d; its clips past the end are replaced",
                         tar.name, size, entry["bytes"])
+        rows, audio, frames, absent = [], [], [], (-1, -1)
+        names = [f"f{f}.jpg" for f in range(num_frames)]
         for sample in samples:
             i = where.get((s, sample["__key__"]))
             if i is None:
                 continue  # a clip the manifest does not list
-            self.shard[i] = s
             ext = next((e for e in AUDIO_EXTS if e in sample), "")
             self.audio_ext[i] = ext
-            if ext:
-                self.audio[i] = sample[ext]
-            for f in range(num_frames):
-                if f"f{f}.jpg" in sample:
-                    self.frames[i, f] = sample[f"f{f}.jpg"]
+            rows.append(i)
+            audio.append(sample.get(ext, absent))
+            frames.append([sample.get(name, absent) for name in names])
+        if rows:  # filled in bulk: per-element numpy writes would dominate the startup
+            self.shard[rows], self.audio[rows], self.frames[rows] = s, audio, frames
 
     def _fd(self, s: int) -> int:
         """A descriptor of shard `s`; at most `MAX_OPEN` stay open (least recently used closed first),
