@@ -44,7 +44,7 @@ def clips(tmp_path_factory):
         sf.write(buf, samples, rate, format="FLAC", subtype="PCM_16")
         flac.append(buf.getvalue())
     jpeg = [open(frame_path(r, 5), "rb").read() for r in rows]
-    shards = write_shards(manifest, root / "shards", clips_per_shard=4, workers=1, progress=False).manifest
+    shards = write_shards(manifest, root / "shards", clips_per_shard=4, processes=1, progress=False).manifest
     return {"wav": wav, "flac": flac, "jpeg": jpeg, "shards": shards, "manifest": manifest}
 
 

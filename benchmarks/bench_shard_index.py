@@ -41,7 +41,7 @@ def folders(tmp_path_factory):
     rows = [{k: base[j % DISTINCT][k] for k in ("video_id", "wav", "video_path")} | {"labels": LABELS}
             for j in range(CLIPS)]
     manifest = write_manifest(root / "big.json", rows)
-    shards = write_shards(manifest, root / "shards", clips_per_shard=PER_SHARD, workers=2, progress=False)
+    shards = write_shards(manifest, root / "shards", clips_per_shard=PER_SHARD, processes=2, progress=False)
     assert shards.clips == CLIPS and shards.shards == CLIPS // PER_SHARD
     return {"files": manifest, "shards": shards.manifest}
 

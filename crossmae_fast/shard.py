@@ -1,6 +1,6 @@
 """`python -m crossmae_fast.shard`: a manifest's clips to webdataset tar shards with DALI indexes.
 
-    python -m crossmae_fast.shard MANIFEST --out DIR [--clips-per-shard 1000] [--workers N] [--seed 0]
+    python -m crossmae_fast.shard MANIFEST --out DIR [--clips-per-shard 1000] [--processes N] [--seed 0]
         [--name NAME] [--labels CSV]
     python -m crossmae_fast.shard --verify DIR/shards.json   # after a copy: sizes, checksums, indexes
 
@@ -25,8 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (shards, indexes, shards.json)")
     ap.add_argument("--verify", metavar="SHARDS_JSON", help="check a shard folder instead of writing one")
     ap.add_argument("--clips-per-shard", type=int, default=1000, help="clips per tar (default 1000)")
-    ap.add_argument("--workers", "--processes", dest="workers", type=int, default=os.cpu_count() or 1,
-                    help="processes that read and check clips (default: CPU count)")
+    ap.add_argument("--processes", "--workers", dest="processes", type=int, default=os.cpu_count() or 1,
+                    help="processes that read and check clips (default: CPU count; --workers is the same)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle (default 0)")
     ap.add_argument("--name", help="shard file prefix (default: the manifest's name)")
     ap.add_argument("--labels", help=f"label CSV to keep beside the shards (default: the manifest's {LABEL_CSV})")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if a.verify:
             return _verify(a.verify)
-        summary = write_shards(a.manifest, a.out, clips_per_shard=a.clips_per_shard, workers=a.workers,
+        summary = write_shards(a.manifest, a.out, clips_per_shard=a.clips_per_shard, processes=a.processes,
                                seed=a.seed, name=a.name, labels=a.labels, progress=not a.quiet)
     except (FileNotFoundError, ManifestError, ValueError) as e:
         print(f"shard: error: {e}", file=sys.stderr)

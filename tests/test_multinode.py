@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow, needs(*MEDIA, "webdataset")]
 @pytest.fixture(scope="module")
 def shards(tiny_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards")
-    return write_shards(tiny_set["train"], out, clips_per_shard=5, workers=1, progress=False).manifest
+    return write_shards(tiny_set["train"], out, clips_per_shard=5, processes=1, progress=False).manifest
 
 
 def pretrain_args(data: str, out: Path, *extra: str) -> list[str]:

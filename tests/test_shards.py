@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def sharded(tmp_path_factory):
     """(source manifest, shards.json): the 7 varied clips of test_data_loaders in shards of 3."""
     root = tmp_path_factory.mktemp("sharded")
     manifest, _ = write_set(root / "files")
-    summary = write_shards(manifest, root / "shards", clips_per_shard=3, workers=2, seed=4, progress=False)
+    summary = write_shards(manifest, root / "shards", clips_per_shard=3, processes=2, seed=4, progress=False)
     assert (summary.clips, summary.shards, summary.failed) == (7, 3, 0)
     return manifest, Path(summary.manifest)
 
@@ -110,7 +111,7 @@ def test_dali_webdataset_reader_reads_our_shards(sharded):
 
 
 def _epochs(manifest, backend, **kw):
-    loader = make_loader(manifest, backend=backend, batch_size=2, data_config=CFG, num_workers=2, **kw)
+    loader = make_loader(manifest, backend=backend, batch_size=2, data_config=replace(CFG, workers=2), **kw)
     out = []
     for epoch, start in ((0, 0), (1, 0), (1, 2)):  # a fresh epoch, a reshuffle, a mid-epoch resume
         loader.set_epoch(epoch, start)
@@ -136,7 +137,7 @@ def test_failed_clips_listed_and_left_out(tmp_path):
     (tmp_path / "files" / "audio" / "clip2.wav").write_bytes(b"RIFF but not audio")
     jpg = tmp_path / "files" / "frames" / "frame_7" / "clip5.jpg"
     jpg.write_bytes(jpg.read_bytes()[:200])
-    summary = write_shards(manifest, tmp_path / "shards", clips_per_shard=4, workers=1, progress=False)
+    summary = write_shards(manifest, tmp_path / "shards", clips_per_shard=4, processes=1, progress=False)
     assert (summary.clips, summary.failed) == (5, 2)
     failures = [json.loads(x) for x in (tmp_path / "shards" / "failures.jsonl").read_text().splitlines()]
     assert sorted((f["row"], f["video_id"]) for f in failures) == [(2, "clip2"), (5, "clip5")]
@@ -160,12 +161,12 @@ def test_interrupted_writing_resumes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shard_writer, "_write_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
-        write_shards(manifest, out, clips_per_shard=2, workers=1, progress=False)
+        write_shards(manifest, out, clips_per_shard=2, processes=1, progress=False)
     assert not (out / "shards.json").exists() and not list(out.glob(".*.tmp*"))
     monkeypatch.setattr(shard_writer, "_write_shard", real)
-    summary = write_shards(manifest, out, clips_per_shard=2, workers=1, progress=False)
+    summary = write_shards(manifest, out, clips_per_shard=2, processes=1, progress=False)
     assert (summary.written, summary.already, summary.clips) == (2, 2, 7)
-    again = write_shards(manifest, tmp_path / "fresh", clips_per_shard=2, workers=1, progress=False)
+    again = write_shards(manifest, tmp_path / "fresh", clips_per_shard=2, processes=1, progress=False)
     assert [s["sha256"] for s in json.loads((out / "shards.json").read_text())["shards"]] == \
         [s["sha256"] for s in json.loads(Path(again.manifest).read_text())["shards"]]
 
@@ -218,9 +219,9 @@ def test_open_shard_files_are_capped(sharded, monkeypatch):
 
     monkeypatch.setattr(shards_module, "MAX_OPEN", 2)
     _, path = sharded
-    loader = make_loader(path, backend="torch", batch_size=7, train=False, data_config=CFG, num_workers=0)
+    loader = make_loader(path, backend="torch", batch_size=7, train=False, data_config=replace(CFG, workers=0))
     want = torch.cat([b["index"] for b in make_loader(path, backend="torch", batch_size=7, train=False,
-                                                     data_config=CFG, num_workers=0)])
+                                                     data_config=replace(CFG, workers=0))])
     assert torch.equal(next(iter(loader))["index"], want) and not loader.stats.bad
     assert len(loader.clips.store._fds) == 2  # three shards read, the oldest closed
 
@@ -238,7 +239,7 @@ def test_synth_and_prepare_write_shards(tmp_path, capsys):
         assert [r["video_id"] for r in rows] == [r["video_id"] for r in source]
         assert len(rows) == n and len(list((tmp_path / "syn" / "shards" / split).glob(f"{split}-*.idx"))) == -(-n // 3)
     make_mixed_folder(tmp_path / "videos")
-    assert prepare.main([str(tmp_path / "videos"), "--out", str(tmp_path / "prep"), "--workers", "1",
+    assert prepare.main([str(tmp_path / "videos"), "--out", str(tmp_path / "prep"), "--processes", "1",
                          "--image-size", "16", "--quiet", "--shards"]) == 0
     assert len(read_manifest(tmp_path / "prep" / "shards" / "shards.json")) == 2
     assert "shard manifest:" in capsys.readouterr().out

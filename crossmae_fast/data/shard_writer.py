@@ -29,7 +29,7 @@ from crossmae_fast.data.manifest import PATH_FIELDS, frame_path, read_manifest, 
 from crossmae_fast.data.media import MediaError, read_audio, require
 from crossmae_fast.data.normalisation import STATS_KEY, read_stats
 from crossmae_fast.data.shards import FORMAT, index_text, tar_members
-from crossmae_fast.train.checkpoint import atomic_write
+from crossmae_fast.files import atomic_write
 
 log = logging.getLogger("crossmae_fast.data")
 LABEL_CSV = "class_labels_indices.csv"
@@ -122,11 +122,11 @@ def _plan(n: int, clips_per_shard: int, seed: int) -> list[np.ndarray]:
 
 
 def write_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, clips_per_shard: int = 1000,
-                 workers: int = 0, seed: int = 0, name: str | None = None, frames: int = NUM_FRAMES,
+                 processes: int = 0, seed: int = 0, name: str | None = None, frames: int = NUM_FRAMES,
                  labels: str | os.PathLike | None = None, progress: bool = True) -> ShardSummary:
     """Write the clips of `manifest` as shards into `out`; see the module docstring."""
-    if clips_per_shard < 1 or workers < 0 or seed < 0 or not 1 <= frames <= NUM_FRAMES:
-        raise ValueError(f"need clips_per_shard >= 1, workers >= 0, seed >= 0 and 1 <= frames <= {NUM_FRAMES}")
+    if clips_per_shard < 1 or processes < 0 or seed < 0 or not 1 <= frames <= NUM_FRAMES:
+        raise ValueError(f"need clips_per_shard >= 1, processes >= 0, seed >= 0 and 1 <= frames <= {NUM_FRAMES}")
     t0, manifest, out = time.perf_counter(), Path(manifest), Path(out)
     name = name or manifest.stem
     if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
@@ -143,7 +143,7 @@ def write_shards(manifest: str | os.PathLike, out: str | os.PathLike, *, clips_p
     summary = ShardSummary(shards=len(plan))
     entries, placed = [], {}
     bar = _progress(len(resolved), progress)
-    with multiprocessing.get_context("fork").Pool(workers or os.cpu_count() or 1) as pool:
+    with multiprocessing.get_context("fork").Pool(processes or os.cpu_count() or 1) as pool:
         for s, rows in enumerate(plan):
             shard = f"{name}-{s:06d}"
             marker = out / ".done" / f"{shard}.json"
