@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossmae_fast import learning_check, pretrain, synth
+from crossmae_fast import learning_check, pretrain, shard, synth
 from crossmae_fast import prepare as prepare_cli
 from crossmae_fast.components import checkpoint as ckpt
 from crossmae_fast.components.run_lock import RunFolderBusy, RunLock
@@ -210,6 +210,7 @@ def test_every_tool_names_an_unwritable_out(tiny_set, tmp_path, capsys):
                                      "--image-size", "16"]),
         "prepare": lambda: prepare_cli.main([str(tmp_path / "src"), "--out", str(out), "--quiet"]),
         "learning_check": lambda: learning_check.main(["--out", str(out), "--clips", "8", "--eval-clips", "2"]),
+        "shard": lambda: shard.main([str(tiny_set["train"]), "--out", str(out), "--processes", "1", "--quiet"]),
         "annotations": lambda: annotations.main(["flickr", str(tmp_path / "ann"), "--audio-dir", "a",
                                                  "--frame-dir", "f", "--out", str(out / "m.json")]),
     }
