@@ -21,6 +21,7 @@ setup(
         "av",
         "soundfile",
         "tqdm",
+        "webdataset",
         "matplotlib",
         "pyyaml",
         "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
@@ -37,6 +38,7 @@ setup(
             "crossmae-prepare=crossmae_fast.prepare:main",
             "crossmae-synth=crossmae_fast.synth:main",
             "crossmae-finetune=crossmae_fast.finetune:main",
+            "crossmae-shard=crossmae_fast.shard:main",
         ]
     },
 )

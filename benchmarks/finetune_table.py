@@ -85,7 +85,7 @@ def run_one(r: dict, folder: Path) -> dict:
     t0 = time.perf_counter()
     code = finetune.main(args)
     seconds = time.perf_counter() - t0
-    if code == 1:  # stopped by a signal (it saved a checkpoint): the table stops too
+    if code != 0:  # an error, or stopped by a signal (it saved a checkpoint): the table stops too
         raise SystemExit(f"finetune_table: {out} stopped; rerun this script to continue")
     result = json.loads((out / "eval" / "metrics.json").read_text()) if code == 0 else {}
     row = {"steps": result.get("step"), "seconds": round(seconds, 1), "acc": result.get("final", {}).get("acc"),

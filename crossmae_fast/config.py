@@ -267,7 +267,8 @@ def data_config(model: ModelConfig | None = None, **overrides) -> DataConfig:
 class TrainConfig:
     """The optimisation and the run: length, learning rate, where it writes, how it runs."""
 
-    data: str | None = opt(None, "train manifest (CAV-MAE JSON); default: a cached synthetic set")
+    data: str | None = opt(None, "train manifest (CAV-MAE JSON, or a shard folder's shards.json); default: a "
+                           "cached synthetic set")
     batch_size: int = opt(32, "samples per process and step")
     epochs: float = opt(24.0, "training length in epochs of the train manifest")
     steps: int | None = opt(None, "training length in optimisation steps; overrides --epochs")
@@ -288,6 +289,8 @@ class TrainConfig:
                             "needs the tensorboard package)")
     time_limit: float | None = opt(None, "minutes after which the run saves a checkpoint and stops (resume "
                                    "continues it)")
+    max_skip_fraction: float = opt(0.05, "stop the run when more than this share of the clips seen were "
+                                   "unreadable and replaced (checked at each progress line)")
     device: str = opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
     precision: str = opt("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on the CPU", choices=PRECISIONS)
     cuda_graph: bool = opt(True, "capture the train step in one CUDA graph (CUDA only)")
@@ -313,6 +316,8 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be positive")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(f"--weight-decay={self.weight_decay} must lie in [0, 1)")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"--max-skip-fraction={self.max_skip_fraction} must lie in [0, 1]")
         if not re.fullmatch(r"\d+|\d+(\.\d*)?(ep|%)", str(self.warmup)):
             raise ValueError(f"--warmup={self.warmup!r}: expected steps ('500'), epochs ('2ep') or a share ('5%')")
         check_device(self.device)
@@ -325,8 +330,8 @@ class TrainConfig:
 class SummaryConfig:
     """The evaluation that ends a pre-training run (`evaluate()` with an `EvalConfig` built from the run)."""
 
-    eval_data: str | None = opt(None, "evaluation manifest for the final summary; default: the synthetic set's "
-                                "eval.json (none with --data unless given)")
+    eval_data: str | None = opt(None, "evaluation manifest (or shards.json) for the final summary; default: the "
+                                "synthetic set's eval.json (none with --data unless given)")
     eval_pictures: int = opt(2, "pictures drawn by the final evaluation (each takes seconds on a CPU)")
 
     def __post_init__(self) -> None:
@@ -343,7 +348,8 @@ class EvalConfig:
     `python -m crossmae_fast.evaluate` takes besides the data settings (its options are these fields)."""
 
     checkpoint: str | None = opt(None, "checkpoint file, or a run folder (its latest checkpoint)")
-    data: str | None = opt(None, "CAV-MAE manifest to evaluate; its rows with 'bbox' score localization")
+    data: str | None = opt(None, "CAV-MAE manifest (or shards.json) to evaluate; its rows with 'bbox' score "
+                           "localization")
     out: str | None = opt(None, "output folder for metrics.json and pictures (default: eval/ in the checkpoint's "
                           "run folder)")
     pictures: int = opt(4, "clips to draw pictures for (those with boxes first)")

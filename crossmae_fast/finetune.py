@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from crossmae_fast import options
 from crossmae_fast.config import FinetuneConfig, finetune_config
+from crossmae_fast.files import error_line
 
 log = logging.getLogger("crossmae_fast.finetune")
 SKIP = ("export_encoders",)
@@ -89,13 +91,26 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 1
-    except (ValueError, FileNotFoundError) as e:  # bad configuration, labels, data or checkpoint
+    except (ValueError, FileNotFoundError) as e:  # bad configuration, labels, data, checkpoint, a busy folder
         log.error("finetune: error: %s", str(e).replace(str(Path.cwd()) + os.sep, ""))
         log.debug("traceback", exc_info=True)
         return 2
+    except OSError as e:  # an output that cannot be written (permissions, read-only, a full disk)
+        log.error("finetune: error: %s", error_line(e))
+        return 2
     finally:
         distributed.cleanup()
-    return 0 if summary.get("stopped") is None else 1
+    return exit_status(summary.get("stopped"))
+
+
+def exit_status(stopped: str | None) -> int:
+    """0 for a finished run, 128 + n after a stop by signal n, 3 after the time limit (as pretrain)."""
+    if stopped is None:
+        return 0
+    try:
+        return 128 + signal.Signals[stopped].value
+    except KeyError:
+        return 3
 
 
 if __name__ == "__main__":

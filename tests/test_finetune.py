@@ -92,7 +92,7 @@ def test_resume_after_sigterm_is_exact(tiny_set, pretrained, tmp_path, monkeypat
     assert finetune.main(args(tiny_set, tmp_path / "a", *common)) == 0
     with monkeypatch.context() as m:
         stop_after(m, 6)  # mid-epoch (4 steps per epoch)
-        assert finetune.main(args(tiny_set, tmp_path / "b", *common)) == 1
+        assert finetune.main(args(tiny_set, tmp_path / "b", *common)) == 128 + signal.SIGTERM
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b"))
     assert (state["step"], state["epoch"], state["batch"]) == (6, 1, 2)
     assert finetune.main(args(tiny_set, tmp_path / "b", *common, "--resume", "auto")) == 0

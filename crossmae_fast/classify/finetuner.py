@@ -27,6 +27,7 @@ from crossmae_fast.components.distributed import set_threads
 from crossmae_fast.components.lr_schedule import schedule_for
 from crossmae_fast.components.metrics_log import MetricsLog, format_eta
 from crossmae_fast.components.rng import gather_rng, next_batch_keep_rng, seed_all, set_rng_state
+from crossmae_fast.components.run_lock import hold_run_folder
 from crossmae_fast.components.stopping import Stopper
 from crossmae_fast.config import FinetuneConfig
 from crossmae_fast.data import normalisation
@@ -61,13 +62,17 @@ class Finetuner:
         self.device, self.rank, self.world, self.main = where.device, where.rank, where.world_size, where.is_main
         set_threads(t.threads, self.device)
         self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        if not self.cfg.classify.eval_only:
+            self.task = self._task()  # labels checked before anything is written (the lock included)
+        with hold_run_folder(self.out, self.main):
+            return self._fit()
+
+    def _fit(self) -> dict:
+        resume = self._resume()
         if self.cfg.classify.eval_only:  # the checkpoint's run, scored as the command line asks
-            resume = self._resume()
             self.cfg = evaluation_config(FinetuneConfig.from_dict(resume["config"]), self.cfg)
             self.task = self._task()
-        else:
-            self.task = self._task()  # labels checked: nothing is written before this
-            resume = self._resume()
+        self.task = self._few_labels(self.task)
         self._build(resume)
         if self.cfg.classify.eval_only:
             return self._finish(evaluate_only=True)
@@ -96,6 +101,11 @@ class Finetuner:
                 self.cfg.classify = c = dataclasses.replace(c, label_csv=csv)
         task = build_task(self.cfg, train, eval_)
         self.cfg.data = normalisation.resolve(self.cfg.data, train)
+        return task
+
+    def _few_labels(self, task: Task) -> Task:
+        """The task on `--train-per-class` clips per class (its manifest written into the run folder)."""
+        t, c = self.cfg.train, self.cfg.classify
         if c.train_per_class:
             if self.main:
                 task = few_label_subset(task, c.train_per_class, t.seed, self.out, c.balanced == "auto")
