@@ -35,6 +35,7 @@ setup(
             "crossmae-evaluate=crossmae_fast.evaluate:main",
             "crossmae-prepare=crossmae_fast.prepare:main",
             "crossmae-synth=crossmae_fast.synth:main",
+            "crossmae-localize=crossmae_fast.localize:main",
         ]
     },
 )

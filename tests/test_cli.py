@@ -14,7 +14,7 @@ from crossmae_fast import evaluate
 from crossmae_fast.config import model_config
 from crossmae_fast.model.crossmae import CrossMAE
 
-CLIS = ("pretrain", "evaluate", "learning_check", "prepare", "synth", "annotations")
+CLIS = ("pretrain", "evaluate", "learning_check", "prepare", "synth", "annotations", "localize")
 SHARED = ("--data", "--out", "--batch-size", "--device", "--seed", "--loader", "--workers")
 """Options that mean the same thing wherever they appear; pretrain's spelling and types are the reference."""
 EXPECTED = {  # shared options each tool must have
@@ -23,6 +23,7 @@ EXPECTED = {  # shared options each tool must have
     "prepare": ("--out", "--workers"),
     "synth": ("--out", "--seed", "--workers"),
     "annotations": ("--out",),
+    "localize": ("--out", "--batch-size", "--device", "--workers"),
 }
 OTHER_SPELLINGS = ("--backend", "--num-workers", "--num_workers", "--batch_size", "--output", "--manifest",
                    "--bs", "--nworkers")
