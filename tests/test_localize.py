@@ -1,8 +1,8 @@
 """localize: a user's video in, heatmaps, an overlay MP4 and embeddings out; bad inputs one line each.
 
 Media are made here: H.264/AAC mp4 and VP9/Opus webm (tests/media_fixtures.py), a video without
-audio, a truncated file, a text file; and `synth --video` clips with their WAV muxed in as PCM, so
-that localize's inputs can be compared with the loaders' for the same clip.
+audio, a truncated file, a text file; and `synth --video` clips with their WAV muxed in as PCM
+(`mux_clip`), so that localize's inputs can be compared with the loaders' for the same clip.
 """
 
 from __future__ import annotations
@@ -22,25 +22,8 @@ from crossmae_fast.data.manifest import read_manifest
 from crossmae_fast.eval.localizer import clip_maps, folder_names, peak
 from crossmae_fast.eval.metrics import localization_map
 from crossmae_fast.eval.probe import ProbeConfig, fit_probe, load_probes, save_probes
-from crossmae_fast.eval.video import MediaError, Window, crop_box, display_size, read_clip
+from crossmae_fast.eval.video import MediaError, Window, crop_box, display_size, mux_clip, read_clip
 from crossmae_fast.model.crossmae import CrossMAE
-
-
-def mux_synth(row: dict, out: Path) -> Path:
-    """A synthetic clip's VP9 video (packets copied) and its 16 kHz WAV (as PCM) in one mkv."""
-    with av.open(row["video"]) as vin, av.open(row["wav"]) as ain, av.open(str(out), "w", format="matroska") as o:
-        vs = o.add_stream_from_template(vin.streams.video[0])
-        aus = o.add_stream("pcm_s16le", rate=16000)
-        aus.layout = "mono"
-        for p in vin.demux(vin.streams.video[0]):
-            if p.size:
-                p.stream = vs
-                o.mux(p)
-        for f in ain.decode(audio=0):
-            f.pts = None
-            o.mux(aus.encode(f))
-        o.mux(aus.encode(None))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +51,7 @@ def synth_video(synthetic_set, tmp_path_factory):
     paths = synthetic_set(6, seed=5, seconds=2.7, image_size=64, video=True)
     rows = read_manifest(paths["eval"])
     folder = tmp_path_factory.mktemp("muxed")
-    return paths["eval"], rows, [mux_synth(r, folder / f"{r['video_id']}.mkv") for r in rows]
+    return paths["eval"], rows, [mux_clip(r["video"], r["wav"], folder / f"{r['video_id']}.mkv") for r in rows]
 
 
 def test_inputs_are_the_loaders(synth_video, model):

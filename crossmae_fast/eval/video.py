@@ -213,3 +213,29 @@ def _window_sound(path: Path, origin: float, window: Window) -> tuple[np.ndarray
         sound = np.concatenate([np.zeros((channels, -offset), np.float32), sound], axis=1)
         offset = 0
     return np.ascontiguousarray(sound[:, offset:offset + round(window.seconds * rate)], np.float32), rate
+
+
+def mux_clip(video: str | Path, audio: str | Path, out: str | Path) -> Path:
+    """One Matroska file of `video`'s first video stream (packets copied) and `audio`'s first audio
+    track (as 16-bit PCM at its rate, channels kept), e.g. a `synth --video` clip and its WAV, which
+    the synthetic set keeps apart."""
+    av = require("av")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open_media(video) as vin, open_media(audio) as ain, av.open(str(out), "w", format="matroska") as o:
+        if not vin.streams.video or not ain.streams.audio:
+            raise MediaError("no_video" if not vin.streams.video else "no_audio",
+                             f"{video if not vin.streams.video else audio}: nothing to mux")
+        vs = o.add_stream_from_template(vin.streams.video[0])
+        src = ain.streams.audio[0]
+        aus = o.add_stream("pcm_s16le", rate=src.codec_context.sample_rate)
+        aus.layout = src.codec_context.layout.name
+        for p in vin.demux(vin.streams.video[0]):
+            if p.size:
+                p.stream = vs
+                o.mux(p)
+        for f in ain.decode(src):
+            f.pts = None
+            o.mux(aus.encode(f))
+        o.mux(aus.encode(None))
+    return out
