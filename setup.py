@@ -26,7 +26,8 @@ setup(
         "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "ruff"],
+        "test": ["pytest", "pytest-benchmark", "ruff", "import-linter", "tensorboard"],
+        "tensorboard": ["tensorboard"],
         "xformers": ["xformers"],
     },
     entry_points={

@@ -40,7 +40,7 @@ def test_loader_throughput(benchmark, manifest, backend, device):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     loader = make_loader(manifest, backend=backend, batch_size=BATCH, train=True,
-                         data_config=data_config(model_config("base")), device=device, num_workers=THREADS)
+                         data_config=data_config(model_config("base"), workers=THREADS), device=device)
 
     def epoch() -> int:
         loader.set_epoch(loader.epoch + 1)

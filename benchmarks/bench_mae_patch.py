@@ -13,7 +13,6 @@ the reference ops, or the Triton interpreter under TRITON_INTERPRET=1: a call-pa
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
@@ -34,13 +33,6 @@ MASK_RATIO = 0.75
 WORST_CASE_S = {"mae": 45, "patched": 60, "mae-compile": 120, "patched-compile": 120}
 """Seconds each may take on a GPU, cold; the session's budget guard (conftest.py) starts one only when
 this much is left (the compiled ones run after every other benchmark)."""
-
-
-def _release() -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _step(preset: str, batch: int, device: torch.device, patched: bool, compiled: bool):
@@ -78,14 +70,14 @@ def test_mae_step(benchmark, results, device, impl):
     if patched and not cuda:
         path = "Triton interpreter" if interpret_mode() else "reference ops"
         extra["note"] = f"{path}: call path checked, timing means nothing"
-    _release()
+    common.release()
     call = None
     try:
         call = _step(preset, batch, device, patched, compiled)
         timing = common.measure(benchmark, call, device, warmup=3, round_s=0.0, rounds_s=3.0, max_rounds=10)
     except torch.cuda.OutOfMemoryError:
         call = None
-        _release()
+        common.release()
         pytest.skip(f"{impl} runs out of memory at batch {batch}")
     base = results.get("mae_step", {}).get(baseline, {}).get("mean_s")
     if patched and base and timing.mean_s:
@@ -97,4 +89,4 @@ def test_mae_step(benchmark, results, device, impl):
                   shape=f"B={batch} img={cfg.img_size[0]}x{cfg.img_size[1]} p={cfg.patch_size} "
                         f"D={cfg.embed_dim}x{cfg.depth} dec={cfg.decoder_embed_dim}x{cfg.decoder_depth}", **extra)
     del call
-    _release()
+    common.release()

@@ -11,7 +11,6 @@ samples/s, TFLOP/s and MFU use `flops.train_step_flops` and the matmul peak meas
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
@@ -40,13 +39,6 @@ def _config(device: torch.device, ops: str):
     return model_config("tiny", ops=ops, depth=2, decoder_depth=1, emb_decoder_depth=1)
 
 
-def _release() -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _step(cfg, batch: int, device: torch.device, compiled: bool, graph: bool):
     """A TrainStep and its call on one fixed random batch."""
     torch.manual_seed(0)
@@ -70,7 +62,7 @@ def test_train_step(benchmark, results, device, peak_tflops, impl):
     if impl != "reference":
         batch = _BATCH.get("train_step", batch)
     benchmark.group = "train_step"
-    _release()
+    common.release()
     while True:
         step = call = None
         try:
@@ -81,7 +73,7 @@ def test_train_step(benchmark, results, device, peak_tflops, impl):
         except torch.cuda.OutOfMemoryError:
             pass  # released below, once the exception (and the activations its frames hold) is gone
         step = call = None
-        _release()
+        common.release()
         if impl != "reference" or batch == 1:
             pytest.skip(f"{impl} runs out of memory at batch {batch}")
         batch //= 2
@@ -93,6 +85,6 @@ def test_train_step(benchmark, results, device, peak_tflops, impl):
                   precision="bf16" if device.type == "cuda" else "fp32", step_mode=step.mode)
     mode = step.mode
     del step, call
-    _release()
+    common.release()
     if graph and mode != "cuda-graph":
         pytest.fail("the CUDA-graph capture failed and the step ran eagerly (recorded as such; see the log)")

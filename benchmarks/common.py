@@ -15,6 +15,7 @@ over a session, so it cannot be attributed to one benchmark.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -56,6 +57,15 @@ def result_stem(device: torch.device | None = None) -> str:
     card = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     v = versions()
     return f"{card}_{time.strftime('%Y%m%d-%H%M', time.gmtime())}_torch{v['torch'].split('+')[0]}_triton{v['triton']}"
+
+
+def release() -> None:
+    """Drop compiled graphs and cached memory between benchmark cases, so one case's leftovers do not
+    count against the next."""
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def sync(device: torch.device) -> None:

@@ -39,6 +39,8 @@ NUM_FRAMES = 10
 """JPEG frames extracted per clip, frame i at video frame int(i * total / NUM_FRAMES)."""
 EVAL_FRAME = 5
 """The frame evaluation uses (and the box annotations refer to); training draws one at random."""
+SYNTH_SECONDS = 3.0
+"""Audio (and video) seconds of a synthetic clip (`synth --seconds`, pre-training's `--synth-seconds`)."""
 AUDIOSET_FBANK_MEAN, AUDIOSET_FBANK_STD = -5.081, 4.4849
 """Log-mel normalisation (CAV-MAE's AudioSet statistics): (fbank - mean) / std."""
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -277,6 +279,8 @@ class TrainConfig:
     save_every: int = opt(50, "steps between checkpoints (0: only at the end)")
     keep: int = opt(2, "checkpoints kept (the newest)")
     log_every: int = opt(10, "steps between progress lines / metrics records (one host sync each)")
+    tensorboard: bool = opt(False, "also write the metrics records as TensorBoard event files (OUT/tensorboard; "
+                            "needs the tensorboard package)")
     time_limit: float | None = opt(None, "minutes after which the run saves a checkpoint and stops (resume "
                                    "continues it)")
     device: str = opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
@@ -286,7 +290,7 @@ class TrainConfig:
     threads: int = opt(0, "torch CPU threads; 0 = torch's default, or 1 on a busy machine")
     export_encoders: bool = opt(True, "write timm state dicts encoder_audio.pth / encoder_image.pth at the end")
     synth_clips: int = opt(256, "clips of the default synthetic set (a quarter go to its eval.json)")
-    synth_seconds: float = opt(3.0, "audio seconds per synthetic clip")
+    synth_seconds: float = opt(SYNTH_SECONDS, "audio seconds per synthetic clip")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -306,32 +310,15 @@ class TrainConfig:
             raise ValueError(f"--weight-decay={self.weight_decay} must lie in [0, 1)")
         if not re.fullmatch(r"\d+|\d+(\.\d*)?(ep|%)", str(self.warmup)):
             raise ValueError(f"--warmup={self.warmup!r}: expected steps ('500'), epochs ('2ep') or a share ('5%')")
-        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
-            raise ValueError(f"--device={self.device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
+        check_device(self.device)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def total_steps(self, steps_per_epoch: int) -> int:
-        return self.steps if self.steps is not None else max(1, round(self.epochs * steps_per_epoch))
-
-    def warmup_steps(self, total: int, steps_per_epoch: int) -> int:
-        w = str(self.warmup)
-        if w.endswith("%"):
-            n = float(w[:-1]) / 100 * total
-        elif w.endswith("ep"):
-            n = float(w[:-2]) * steps_per_epoch
-        else:
-            n = int(w)
-        return min(total, round(n))
-
-    def base_lr(self, global_batch: int) -> float:
-        return self.lr if self.lr is not None else self.blr * global_batch / 256
-
 
 @dataclass
-class EvalConfig:
-    """The evaluation that ends a pre-training run."""
+class SummaryConfig:
+    """The evaluation that ends a pre-training run (`evaluate()` with an `EvalConfig` built from the run)."""
 
     eval_data: str | None = opt(None, "evaluation manifest for the final summary; default: the synthetic set's "
                                 "eval.json (none with --data unless given)")
@@ -342,6 +329,52 @@ class EvalConfig:
             raise ValueError(f"--eval-pictures={self.eval_pictures} must not be negative")
 
 
+GT_MODES = ("vggss", "flickr")
+
+
+@dataclass
+class EvalConfig:
+    """What `evaluate()` takes besides the model, the manifest and the data settings, and what
+    `python -m crossmae_fast.evaluate` takes besides the data settings (its options are these fields)."""
+
+    checkpoint: str | None = opt(None, "checkpoint file, or a run folder (its latest checkpoint)")
+    data: str | None = opt(None, "CAV-MAE manifest to evaluate; its rows with 'bbox' score localization")
+    out: str | None = opt(None, "output folder for metrics.json and pictures (default: eval/ in the checkpoint's "
+                          "run folder)")
+    pictures: int = opt(4, "clips to draw pictures for (those with boxes first)")
+    batch_size: int = opt(32, "clips per batch")
+    device: str = opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+    gt_mode: str = opt("vggss", "box consensus: union (VGG-SS, synthetic) or annotators' sum / 2 (Flickr-SoundNet)",
+                       choices=GT_MODES)
+    map_size: int = opt(224, "side of the localization map")
+    seed: int = opt(0, "masking noise of the pictures")
+    probe_data: str | None = opt(None, "train a localization probe on this manifest's clips (the run's train "
+                                 "split) on top of the frozen encoders, and score its maps too")
+    probe_steps: int = opt(300, "probe training steps")
+    probe_seeds: tuple[int, ...] = opt((0, 1), "one probe per seed, scored separately and averaged")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        self.probe_seeds = tuple(int(s) for s in self.probe_seeds)
+        for name in ("batch_size", "map_size", "probe_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be at least 1")
+        if self.pictures < 0:
+            raise ValueError(f"--pictures={self.pictures} must not be negative")
+        if not self.probe_seeds:
+            raise ValueError("--probe-seeds: give at least one")
+        check_device(self.device)
+
+
+@dataclass
+class EvaluateConfig:
+    """Everything `python -m crossmae_fast.evaluate` depends on: the evaluation and the data settings
+    (the checkpoint's own, with the options given on the command line over them)."""
+
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
 @dataclass
 class RunConfig:
     """Everything a pre-training run depends on, by section. `run_config` applies presets; the
@@ -350,7 +383,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: SummaryConfig = field(default_factory=SummaryConfig)
 
     def __post_init__(self) -> None:
         self.data = dataclasses.replace(self.data, **_followed(DataConfig, self.model))
@@ -393,6 +426,13 @@ def _section(make, values: Mapping, name: str):
 def _followed(cls, source) -> dict:
     """Values of `cls`'s fields that follow `source`'s fields of the same name."""
     return {f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if f.metadata.get("follows")}
+
+
+def check_device(device: str) -> None:
+    """Raise ValueError unless `device` is 'auto', 'cpu', 'cuda' or 'cuda:N' (components/distributed.py
+    `pick_device` resolves it)."""
+    if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        raise ValueError(f"--device={device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
 
 
 def _flag(name: str) -> str:

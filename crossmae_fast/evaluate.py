@@ -5,9 +5,11 @@
 
 `--checkpoint` is a checkpoint file or a run folder (its latest checkpoint). Prints the retrieval and
 localization tables and writes `metrics.json` and pictures into `--out`, by default the `eval/`
-folder of the run the checkpoint belongs to. The fbank normalisation is the run's (its checkpoint
-records it). `--probe-data` adds the localization probe (crossmae_fast/eval/probe.py), trained on that
-manifest, one per `--probe-seeds`. The evaluation itself is `crossmae_fast.eval.evaluator`.
+folder of the run the checkpoint belongs to. The data settings (the fbank normalisation included)
+are the run's, as its checkpoint records them; the data options given here override them.
+`--probe-data` adds the localization probe (crossmae_fast/eval/probe.py), trained on that manifest,
+one per `--probe-seeds`. The options are generated from `EvalConfig` (crossmae_fast/config.py); the
+evaluation itself is `crossmae_fast.eval.evaluator`.
 """
 
 from __future__ import annotations
@@ -18,34 +20,41 @@ import logging
 import sys
 from pathlib import Path
 
-LOADERS = ("dali", "torch")
+from crossmae_fast import options
+from crossmae_fast.config import EvalConfig, EvaluateConfig
+
+DATA_OPTIONS = ("loader", "workers", "video", "audio_mean", "audio_std")
+"""The data settings an evaluation may change; the others are the run's (they shape the model's input)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m crossmae_fast.evaluate",
-                                description="Retrieval and sound-source localization of a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint file, or a run folder (its latest checkpoint)")
-    p.add_argument("--data", required=True, help="CAV-MAE manifest; its rows with 'bbox' score localization")
-    p.add_argument("--out", help="output folder (default: eval/ in the checkpoint's run folder)")
-    p.add_argument("--pictures", type=int, default=4, help="clips to draw pictures for (default 4)")
-    p.add_argument("--batch-size", type=int, default=32, help="clips per batch (default 32)")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda[:N]'")
-    p.add_argument("--loader", choices=LOADERS, default="dali",
-                   help="data loader: DALI (the torch loader where DALI is missing) or the torch DataLoader")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers (DALI threads; default 2)")
-    p.add_argument("--gt-mode", choices=("vggss", "flickr"), default="vggss",
-                   help="box consensus: union (VGG-SS, synthetic) or annotators' sum / 2 (Flickr-SoundNet)")
-    p.add_argument("--map-size", type=int, default=224, help="side of the localization map (default 224)")
-    p.add_argument("--seed", type=int, default=0, help="masking noise for the pictures (default 0)")
-    p.add_argument("--audio-mean", type=float, help="fbank mean to normalise with (default: the run's, as its "
-                   "checkpoint records; else the manifest's statistics; else AudioSet's)")
-    p.add_argument("--audio-std", type=float, help="fbank standard deviation (default: as --audio-mean)")
-    p.add_argument("--probe-data", metavar="MANIFEST", help="train a localization probe on this manifest's clips "
-                   "(the run's train split) on top of the frozen encoders, and score its maps too")
-    p.add_argument("--probe-steps", type=int, default=300, help="probe training steps (default 300)")
-    p.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1],
-                   help="one probe per seed, scored separately and averaged (default 0 1)")
-    return p
+    ap = argparse.ArgumentParser(prog="python -m crossmae_fast.evaluate", argument_default=argparse.SUPPRESS,
+                                 description="Retrieval and sound-source localization of a checkpoint.")
+    ap.add_argument("--config", metavar="FILE", help="YAML or JSON file of options; the command line overrides it")
+    options.add_options(ap.add_argument_group("evaluation options"), EvaluateConfig, sections=("eval",))
+    skip = [f.name for f in dataclasses.fields(EvaluateConfig().data) if f.name not in DATA_OPTIONS]
+    options.add_options(ap.add_argument_group("data options (default: the run's)"), EvaluateConfig,
+                        sections=("data",), skip=skip)
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> tuple[EvalConfig, dict]:
+    """(the evaluation's config, the data options given): defaults <- config file <- command line."""
+    ap = build_parser()
+    ns = vars(ap.parse_args(argv))
+    try:
+        values = options.merge(options.read_file(ns["config"], EvaluateConfig) if "config" in ns else {},
+                               options.from_namespace(ns, EvaluateConfig))
+        unknown = sorted(set(values.get("data", {})) - set(DATA_OPTIONS))
+        if unknown:
+            raise ValueError(f"data option(s) {', '.join(unknown)} are the run's and cannot change here")
+        cfg = EvalConfig(**values.get("eval", {}))
+    except (ValueError, TypeError, OSError) as e:
+        ap.error(str(e))
+    for name in ("checkpoint", "data"):
+        if getattr(cfg, name) is None:
+            ap.error(f"--{name} is required")
+    return cfg, values.get("data", {})
 
 
 def default_out(checkpoint: str | Path) -> Path:
@@ -55,37 +64,27 @@ def default_out(checkpoint: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    cfg, data_overrides = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    import torch
-
-    from crossmae_fast.config import data_config
+    from crossmae_fast.components.checkpoint import checkpoint_data_config, model_from_checkpoint
+    from crossmae_fast.components.distributed import pick_device
     from crossmae_fast.data.manifest import read_manifest
-    from crossmae_fast.eval.evaluator import checkpoint_data_config, evaluate, format_tables, load_model
-    from crossmae_fast.eval.probe import ProbeConfig
+    from crossmae_fast.eval.evaluator import evaluate
+    from crossmae_fast.eval.report import format_tables
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:  # bad inputs: one line naming the file, not a traceback
-        model = load_model(args.checkpoint)
-        read_manifest(args.data)
-        if args.probe_data:
-            read_manifest(args.probe_data)
-        data = checkpoint_data_config(args.checkpoint) or data_config(model.cfg)
-        probe = ProbeConfig(steps=args.probe_steps, seeds=tuple(args.probe_seeds)) if args.probe_data else None
+        model = model_from_checkpoint(cfg.checkpoint, device=pick_device(0, cfg.device))
+        for manifest in (cfg.data, cfg.probe_data):
+            if manifest:
+                read_manifest(manifest)
+        data = dataclasses.replace(checkpoint_data_config(cfg.checkpoint), **data_overrides)
     except (ValueError, OSError) as e:
         print(f"evaluate: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
-    overrides = {k: getattr(args, k) for k in ("audio_mean", "audio_std") if getattr(args, k) is not None}
-    data = dataclasses.replace(data, **overrides)
-    out = Path(args.out) if args.out else default_out(args.checkpoint)
-    result = evaluate(model.to(device), args.data, out, pictures_k=args.pictures, batch_size=args.batch_size,
-                      device=device, backend=args.loader, gt_mode=args.gt_mode, map_size=args.map_size,
-                      num_workers=args.workers, seed=args.seed, checkpoint=args.checkpoint, data=data,
-                      probe=probe, probe_data=args.probe_data)
+    cfg = dataclasses.replace(cfg, out=cfg.out or str(default_out(cfg.checkpoint)))
+    result = evaluate(model, cfg.data, cfg, data)
     print(format_tables(result))
-    print(f"\nwrote {out / 'metrics.json'} and {len(result.get('pictures', []))} pictures")
+    print(f"\nwrote {Path(cfg.out) / 'metrics.json'} and {len(result.get('pictures', []))} pictures")
     return 0
 
 

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", type=float, default=0.0, help="window start in seconds (default 0)")
     p.add_argument("--seconds", type=float, default=10.0, help="window length in seconds (default 10)")
     p.add_argument("--embed", action="store_true", help="also write embeddings.npz (audio and visual features)")
-    p.add_argument("--batch-size", type=int, default=8, help="videos per forward pass (default 8)")
+    p.add_argument("--batch-size", type=int, default=32, help="videos per forward pass (default 32)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda[:N]'")
     p.add_argument("--workers", type=int, default=2, help="videos decoded at a time (default 2)")
     return p
@@ -55,24 +55,19 @@ def error(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    import torch
-
-    from crossmae_fast.config import data_config
-    from crossmae_fast.eval.evaluator import checkpoint_data_config, load_model
+    from crossmae_fast.components.checkpoint import checkpoint_data_config, model_from_checkpoint
+    from crossmae_fast.components.distributed import pick_device
     from crossmae_fast.eval.localizer import localize
     from crossmae_fast.eval.probe import load_probes
     from crossmae_fast.eval.video import Window
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:  # bad inputs: one line naming the file, not a traceback
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"--batch-size {args.batch_size} must be at least 1 and --workers {args.workers} "
                              "not negative")
         window = Window(args.start, args.seconds)
-        model = load_model(args.checkpoint)
-        data = checkpoint_data_config(args.checkpoint) or data_config(model.cfg)
+        model = model_from_checkpoint(args.checkpoint, device=pick_device(0, args.device))
+        data = checkpoint_data_config(args.checkpoint)
         heads = []
         if args.probe:
             heads, meta = load_probes(args.probe)
@@ -83,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         error(str(e))
         return 2
     out = Path(args.out) if args.out else default_out(args.checkpoint)
-    done, failed = localize(model.to(device), args.videos, out, data, window, heads, embed=args.embed,
+    done, failed = localize(model, args.videos, out, data, window, heads, embed=args.embed,
                             batch_size=args.batch_size, workers=args.workers)
     for line in failed.values():
         error(line)

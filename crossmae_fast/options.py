@@ -35,20 +35,21 @@ class Leaf:
     section: str | None
     field: dataclasses.Field
     kind: type
-    nargs: int | None = None
+    nargs: int | str | None = None
 
     @property
     def flag(self) -> str:
         return "--" + self.field.name.replace("_", "-")
 
 
-def _kind(hint) -> tuple[type, int | None]:
-    """(element type, number of values or None) of a field's type hint."""
+def _kind(hint) -> tuple[type, int | str | None]:
+    """(element type, number of values: a count, "+" for a variable-length tuple, None for one value)
+    of a field's type hint."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is tuple:
         args = typing.get_args(hint)
-        return args[0], (None if args[-1] is Ellipsis else len(args))
+        return args[0], ("+" if args[-1] is Ellipsis else len(args))
     return hint, None
 
 

@@ -1,6 +1,6 @@
 """`python -m crossmae_fast.prepare`: real videos to audio files, JPEG frames and a manifest.
 
-    python -m crossmae_fast.prepare SRC --out DIR [--frames 10] [--workers N] [--format wav|flac]
+    python -m crossmae_fast.prepare SRC --out DIR [--frames 10] [--processes N] [--format wav|flac]
         [--image-size 224] [--sample-rate 16000]
 
 What it writes, and how failures are recorded, is described in `crossmae_fast.data.extract`.
@@ -23,8 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("src", help="folder of videos (searched recursively) or CSV of paths [, labels]")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--frames", type=int, default=NUM_FRAMES, help=f"frames per clip (default {NUM_FRAMES})")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="worker processes; 0 or 1 runs in this process (default: CPU count)")
+    ap.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                    help="extraction processes; 0 or 1 runs in this process (default: CPU count)")
     ap.add_argument("--format", choices=("wav", "flac"), default="wav", help="audio file format")
     ap.add_argument("--image-size", type=int, default=224, help="frame size after resize and crop")
     ap.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help=f"audio sample rate (default {SAMPLE_RATE})")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        summary = prepare(a.src, a.out, frames=a.frames, workers=a.workers, audio_format=a.format,
+        summary = prepare(a.src, a.out, frames=a.frames, processes=a.processes, audio_format=a.format,
                           image_size=a.image_size, sample_rate=a.sample_rate, progress=not a.quiet)
     except (FileNotFoundError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)

@@ -16,12 +16,13 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from crossmae_fast import options
-from crossmae_fast.config import RunConfig, run_config
-from crossmae_fast.train import distributed
-from crossmae_fast.train.metrics import NonFiniteLoss
-from crossmae_fast.train.trainer import Trainer
+from crossmae_fast.components import distributed
+from crossmae_fast.components.metrics_log import NonFiniteLoss
+from crossmae_fast.config import EvalConfig, RunConfig, run_config
+from crossmae_fast.train.trainer import Trainer, Validator
 
 log = logging.getLogger("crossmae_fast.pretrain")
 
@@ -59,13 +60,29 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
         ap.error(str(e))
 
 
+def make_validator(cfg: RunConfig) -> Validator:
+    """The evaluation that ends a complete run: `evaluate()` with the run's data settings, batch size and
+    seed, its pictures and metrics.json in OUT/eval, its tables logged."""
+    from crossmae_fast.eval import evaluator, report
+
+    eval_cfg = EvalConfig(out=str(Path(cfg.train.out) / "eval"), pictures=cfg.eval.eval_pictures,
+                          batch_size=cfg.train.batch_size, seed=cfg.train.seed)
+
+    def validate(model, manifest) -> dict:
+        result = evaluator.evaluate(model, manifest, eval_cfg, cfg.data)
+        log.info("evaluation on %s:\n%s", manifest, report.format_tables(result))
+        return result
+
+    return validate
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     try:
-        summary = Trainer(cfg).fit()
+        summary = Trainer(cfg, make_validator(cfg)).fit()
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 1

@@ -1,7 +1,7 @@
 """`python -m crossmae_fast.synth`: writes the synthetic audio-visual set.
 
-    python -m crossmae_fast.synth --out DIR --clips N --seed S [--video] [--seconds 4]
-        [--image-size 224] [--eval-fraction 0.25] [--workers N]
+    python -m crossmae_fast.synth --out DIR --clips N --seed S [--video] [--seconds 3]
+        [--image-size 224] [--eval-fraction 0.25] [--threads N]
 
 The generator and its rule are `crossmae_fast.data.synthetic`.
 """
@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from crossmae_fast.config import SYNTH_SECONDS
 from crossmae_fast.data.synthetic import make_synthetic_set
 
 
@@ -23,10 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--clips", type=int, required=True, help="number of clips")
     ap.add_argument("--seed", type=int, required=True, help="random seed (same seed, same bytes)")
     ap.add_argument("--video", action="store_true", help="also write a VP9 webm per clip")
-    ap.add_argument("--seconds", type=float, default=4.0, help="audio (and video) length (default 4)")
+    ap.add_argument("--seconds", type=float, default=SYNTH_SECONDS,
+                    help=f"audio (and video) length (default {SYNTH_SECONDS:g}, as pre-training's synthetic set)")
     ap.add_argument("--image-size", type=int, default=224, help="frame side in pixels (default 224)")
     ap.add_argument("--eval-fraction", type=float, default=0.25, help="share of clips in eval.json")
-    ap.add_argument("--workers", type=int, default=0,
+    ap.add_argument("--threads", type=int, default=0,
                     help="writer threads (0: up to twice the CPU count, at most 8); the bytes do not depend on it")
     return ap
 
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         paths = make_synthetic_set(a.out, a.clips, a.seed, a.video, a.seconds, a.image_size, a.eval_fraction,
-                                   workers=a.workers)
+                                   threads=a.threads)
     except ValueError as e:
         print(f"synth: error: {e}", file=sys.stderr)
         return 2

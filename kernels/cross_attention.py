@@ -82,14 +82,10 @@ def _key_rows(IDX, offs_n, n_ok, HAS_INDEX: tl.constexpr):
     return rows
 
 
-@triton.autotune(configs=_configs([(64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 3)]), key=KEY,
-                 prune_configs_by=_pruner("fwd"))
-@triton.jit(do_not_specialize=LENGTHS)
-def _fwd_kernel(Q, K, V, IDX, OUT, LSE, qk_scale,
-                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sib,
-                H, Lq, NK, D,
-                HAS_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+@triton.jit
+def _query_tile(Q, sqb, sqh, sqm, H, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch `b`, head `h` and query block (program id = (b * H + h) * blocks + block):
+    the block's query and feature offsets, their masks, and its Q tile."""
     n_m = tl.cdiv(Lq, BLOCK_M)
     bh = tl.program_id(0) // n_m
     b = (bh // H).to(tl.int64)
@@ -100,18 +96,38 @@ def _fwd_kernel(Q, K, V, IDX, OUT, LSE, qk_scale,
     d_ok = offs_d < D
     q_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+    return b, h, offs_m, offs_d, m_ok, d_ok, q_mask, q
+
+
+@triton.jit
+def _kv_tile(K, V, IDX, start, skn, svn, NK, offs_d, d_ok, HAS_INDEX: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key block from key `start` (K, V, IDX already offset to this batch and head): which keys
+    exist, and their K and V tiles (zero where they do not)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < NK
+    rows = _key_rows(IDX, offs_n, n_ok, HAS_INDEX)
+    kv_mask = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + rows[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + rows[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+    return n_ok, k, v
+
+
+@triton.autotune(configs=_configs([(64, 4, 2), (64, 4, 3), (64, 8, 3), (128, 4, 2), (128, 8, 3)]), key=KEY,
+                 prune_configs_by=_pruner("fwd"))
+@triton.jit(do_not_specialize=LENGTHS)
+def _fwd_kernel(Q, K, V, IDX, OUT, LSE, qk_scale,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som, sib,
+                H, Lq, NK, D,
+                HAS_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr):
+    b, h, offs_m, offs_d, m_ok, d_ok, q_mask, q = _query_tile(Q, sqb, sqh, sqm, H, Lq, D, BLOCK_M, BLOCK_D)
     K += b * skb + h * skh
     V += b * svb + h * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, NK, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        rows = _key_rows(IDX + b * sib, offs_n, n_ok, HAS_INDEX)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + rows[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        n_ok, k, v = _kv_tile(K, V, IDX + b * sib, start, skn, svn, NK, offs_d, d_ok, HAS_INDEX, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -216,16 +232,7 @@ def _bwd_q_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, qk_scale, scale,
                   HAS_INDEX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
                   BLOCK_M: tl.constexpr):
     """dQ of one query block, looping over all key blocks (the unfused path)."""
-    n_m = tl.cdiv(Lq, BLOCK_M)
-    bh = tl.program_id(0) // n_m
-    b = (bh // H).to(tl.int64)
-    h = bh % H
-    offs_m = (tl.program_id(0) % n_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Lq
-    d_ok = offs_d < D
-    q_mask = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=q_mask, other=0.0)
+    b, h, offs_m, offs_d, m_ok, d_ok, q_mask, q = _query_tile(Q, sqb, sqh, sqm, H, Lq, D, BLOCK_M, BLOCK_D)
     do = tl.load(DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :], mask=q_mask, other=0.0)
     row = (b * H + h) * Lq + offs_m
     lse = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
@@ -234,12 +241,7 @@ def _bwd_q_kernel(Q, K, V, IDX, DO, LSE, DELTA, DQ, qk_scale, scale,
     V += b * svb + h * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(0, NK, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < NK
-        rows = _key_rows(IDX + b * sib, offs_n, n_ok, HAS_INDEX)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + rows[:, None] * skn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + rows[:, None] * svn + offs_d[None, :], mask=kv_mask, other=0.0)
+        n_ok, k, v = _kv_tile(K, V, IDX + b * sib, start, skn, svn, NK, offs_d, d_ok, HAS_INDEX, BLOCK_N)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         p = tl.where(n_ok[None, :], tl.exp2(s * qk_scale - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pos_grad import pos_grad, pos_grad_plan, pos_meta, pos_sums, reduce_pos_sums
 from kernels.reference import masking_indices, random_masking_reference
 from kernels.utils import batch_chunk, row_blocks, use_triton
 
@@ -90,18 +91,18 @@ def _gather_add_bwd(
     L = ids_restore.shape[1]
     dx = torch.empty(B, L, D, device=grad.device, dtype=grad.dtype)
     if dx.numel() == 0:
-        return dx, torch.zeros(1 if sum_pos else 0, L, D, device=grad.device, dtype=torch.float32)
+        return dx, pos_sums(grad, sum_pos, 1, L, D).zero_()
     block_r, block_d, warps = row_blocks(L, D)
     tiles = triton.cdiv(L, block_r) * triton.cdiv(D, block_d)
     b_chunk = batch_chunk(B, tiles) if sum_pos else 1
     n_chunks = triton.cdiv(B, b_chunk)
-    partial = torch.empty(n_chunks if sum_pos else 0, L, D, device=grad.device, dtype=torch.float32)
+    partial = pos_sums(grad, sum_pos, n_chunks, L, D)
     grid = (triton.cdiv(L, block_r), triton.cdiv(D, block_d), n_chunks)
     _gather_add_bwd_kernel[grid](
         grad, ids_restore, dx, partial, B, K, L, D, b_chunk, *grad.stride(), *ids_restore.stride(),
         SUM_POS=sum_pos, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
-    return dx, partial.sum(dim=0, keepdim=True) if sum_pos else partial
+    return dx, reduce_pos_sums(partial, sum_pos)
 
 
 @torch.library.custom_op("crossmae::masking_gather", mutates_args=())
@@ -129,7 +130,7 @@ def masking_gather_backward(
 @masking_gather_backward.register_fake
 def _(grad, ids_restore, sum_pos):
     B, L, D = grad.shape[0], ids_restore.shape[1], grad.shape[2]
-    return grad.new_empty(B, L, D), grad.new_empty(1 if sum_pos else 0, L, D, dtype=torch.float32)
+    return grad.new_empty(B, L, D), pos_sums(grad, sum_pos, 1, L, D)
 
 
 class MaskingGather(torch.autograd.Function):
@@ -144,17 +145,14 @@ class MaskingGather(torch.autograd.Function):
         x, _, ids_restore, pos_embed = inputs
         ctx.save_for_backward(ids_restore)
         ctx.x_dtype = x.dtype
-        ctx.pos_meta = None if pos_embed is None else (pos_embed.shape[0], pos_embed.dtype)
+        ctx.pos_meta = pos_meta(pos_embed)
 
     @staticmethod
     def backward(ctx, grad):
         (ids_restore,) = ctx.saved_tensors
-        need_pos = ctx.pos_meta is not None and ctx.needs_input_grad[3]
-        sum_pos = need_pos and ctx.pos_meta[0] != grad.shape[0]
+        need_pos, sum_pos = pos_grad_plan(ctx, grad, 3)
         dx, dpos = torch.ops.crossmae.masking_gather_backward(grad, ids_restore, sum_pos)
-        if need_pos:
-            dpos = (dpos if sum_pos else dx).to(ctx.pos_meta[1])
-        return dx.to(ctx.x_dtype), None, None, dpos if need_pos else None
+        return dx.to(ctx.x_dtype), None, None, pos_grad(ctx, need_pos, sum_pos, dpos, dx)
 
 
 masking_gather.register_autograd(MaskingGather.backward, setup_context=MaskingGather.setup_context)

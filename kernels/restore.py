@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pos_grad import pos_grad, pos_grad_plan, pos_meta, pos_sums, reduce_pos_sums
 from kernels.reference import restore_tokens_reference
 from kernels.utils import batch_chunk, row_blocks, use_triton
 
@@ -98,21 +99,20 @@ def _restore_bwd(
     B, L, D = grad.shape
     dx = torch.empty(B, K, D, device=grad.device, dtype=grad.dtype)
     if grad.numel() == 0:
-        zeros = torch.zeros(1 if sum_pos else 0, L, D, device=grad.device, dtype=torch.float32)
-        return dx, grad.new_zeros(D, dtype=torch.float32), zeros
+        return dx, grad.new_zeros(D, dtype=torch.float32), pos_sums(grad, sum_pos, 1, L, D).zero_()
     block_r, block_d, warps = row_blocks(L, D)
     n_row_blocks = triton.cdiv(L, block_r)
     tiles = n_row_blocks * triton.cdiv(D, block_d)
     b_chunk = batch_chunk(B, tiles)
     n_chunks = triton.cdiv(B, b_chunk)
     dtok = torch.empty(n_chunks * n_row_blocks, D, device=grad.device, dtype=torch.float32)
-    dpos = torch.empty(n_chunks if sum_pos else 0, L, D, device=grad.device, dtype=torch.float32)
+    dpos = pos_sums(grad, sum_pos, n_chunks, L, D)
     grid = (n_row_blocks, triton.cdiv(D, block_d), n_chunks)
     _restore_bwd_kernel[grid](
         grad, ids_restore, dx, dtok, dpos, B, K, L, D, b_chunk, *grad.stride(), *ids_restore.stride(),
         SUM_POS=sum_pos, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
     )
-    return dx, dtok.sum(dim=0), dpos.sum(dim=0, keepdim=True) if sum_pos else dpos
+    return dx, dtok.sum(dim=0), reduce_pos_sums(dpos, sum_pos)
 
 
 def _out_dtype(x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.dtype:
@@ -149,9 +149,7 @@ def restore_tokens_backward(
 @restore_tokens_backward.register_fake
 def _(grad, ids_restore, K, sum_pos):
     B, L, D = grad.shape
-    f32 = torch.float32
-    dpos = grad.new_empty(1 if sum_pos else 0, L, D, dtype=f32)
-    return grad.new_empty(B, K, D), grad.new_empty(D, dtype=f32), dpos
+    return grad.new_empty(B, K, D), grad.new_empty(D, dtype=torch.float32), pos_sums(grad, sum_pos, 1, L, D)
 
 
 class RestoreTokens(torch.autograd.Function):
@@ -167,18 +165,15 @@ class RestoreTokens(torch.autograd.Function):
         ctx.save_for_backward(ids_restore)
         ctx.x_meta = (x.shape[1], x.dtype)
         ctx.tok_meta = (mask_token.shape, mask_token.dtype)
-        ctx.pos_meta = None if pos_embed is None else (pos_embed.shape[0], pos_embed.dtype)
+        ctx.pos_meta = pos_meta(pos_embed)
 
     @staticmethod
     def backward(ctx, grad):
         (ids_restore,) = ctx.saved_tensors
-        need_pos = ctx.pos_meta is not None and ctx.needs_input_grad[3]
-        sum_pos = need_pos and ctx.pos_meta[0] != grad.shape[0]
+        need_pos, sum_pos = pos_grad_plan(ctx, grad, 3)
         dx, dtok, dpos = torch.ops.crossmae.restore_tokens_backward(grad, ids_restore, ctx.x_meta[0], sum_pos)
-        if need_pos:
-            dpos = (dpos if sum_pos else grad).to(ctx.pos_meta[1])
         dtok = dtok.reshape(ctx.tok_meta[0]).to(ctx.tok_meta[1])
-        return dx.to(ctx.x_meta[1]), dtok, None, dpos if need_pos else None
+        return dx.to(ctx.x_meta[1]), dtok, None, pos_grad(ctx, need_pos, sum_pos, dpos, grad)
 
 
 restore_tokens_op.register_autograd(RestoreTokens.backward, setup_context=RestoreTokens.setup_context)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from crossmae_fast import evaluate
-from crossmae_fast.config import model_config
+from crossmae_fast.components.checkpoint import TrainState, checkpoint_state
+from crossmae_fast.config import EvalConfig, RunConfig, model_config, run_config
 from crossmae_fast.model.crossmae import CrossMAE
 
 CLIS = ("pretrain", "evaluate", "learning_check", "prepare", "synth", "annotations", "localize")
@@ -20,8 +22,8 @@ SHARED = ("--data", "--out", "--batch-size", "--device", "--seed", "--loader", "
 EXPECTED = {  # shared options each tool must have
     "evaluate": SHARED,
     "learning_check": ("--out", "--batch-size", "--loader", "--workers"),  # --seeds: several training seeds
-    "prepare": ("--out", "--workers"),
-    "synth": ("--out", "--seed", "--workers"),
+    "prepare": ("--out",),  # --processes: extraction processes, not loader workers
+    "synth": ("--out", "--seed"),  # --threads: writer threads
     "annotations": ("--out",),
     "localize": ("--out", "--batch-size", "--device", "--workers"),
 }
@@ -68,6 +70,37 @@ def test_shared_options_agree_with_pretrain(monkeypatch):
             assert opts[flag].dest == reference[flag].dest, (name, flag)
 
 
+CONFIG_NAME = {("synth", "seconds"): "synth_seconds"}
+"""Options whose config field has another name."""
+PER_TOOL = {"out", "data", "checkpoint", "steps"}
+"""What each tool chooses for itself: its paths, and the learning check's run length."""
+
+
+def config_defaults() -> dict:
+    """Flat field name -> default, over the run config and the evaluation config (the dataclass defaults:
+    the paper's sizes; pre-training's tiny preset is a recipe on top of them)."""
+    flat = {}
+    for section in RunConfig().to_dict().values():
+        flat.update(section)
+    for name, value in dataclasses.asdict(EvalConfig()).items():
+        assert flat.setdefault(name, value) == value or name in PER_TOOL, name  # evaluate agrees with pretrain
+    return flat
+
+
+def test_shared_option_defaults_agree_with_the_config(monkeypatch):
+    """Every option of every tool that sets a config field (by name) defaults to the config's value."""
+    flat, compared = config_defaults(), set()
+    for name in CLIS:
+        for action in parser_of(name, monkeypatch)._actions:
+            field = CONFIG_NAME.get((name, action.dest), action.dest)
+            if field not in flat or field in PER_TOOL or action.default is argparse.SUPPRESS or action.required:
+                continue  # SUPPRESS: generated from the config, it takes the config's default
+            default = tuple(action.default) if isinstance(action.default, list) else action.default
+            assert default == flat[field], (name, action.dest, default, flat[field])
+            compared.add((name, field))
+    assert {("synth", "synth_seconds"), ("learning_check", "workers"), ("learning_check", "loader")} <= compared
+
+
 @pytest.fixture(scope="module")
 def run_and_data(tmp_path_factory, tiny_set):
     """A run folder with one checkpoint of an untrained tiny model, and the shared set's eval manifest."""
@@ -76,8 +109,8 @@ def run_and_data(tmp_path_factory, tiny_set):
     cfg = model_config("tiny", ops="reference")
     run = root / "runs" / "pretrain"
     run.mkdir(parents=True)
-    state = {"model": CrossMAE(cfg).state_dict(), "optimizer": {}, "step": 1, "epoch": 0, "batch": 1, "rng": [],
-             "model_config": cfg.to_dict(), "train_config": {}}
+    run_cfg = run_config({"model": cfg.to_dict()})
+    state = checkpoint_state(CrossMAE(cfg), torch.optim.SGD(CrossMAE(cfg).parameters()), run_cfg, 1, TrainState(1))
     torch.save(state, run / "checkpoint-00000001.pt")
     return run, tiny_set["eval"]
 
@@ -90,11 +123,13 @@ def test_out_defaults_to_the_run_and_metrics_written_once(run_and_data, monkeypa
     run, data = run_and_data
     assert evaluate.default_out(run) == run / "eval"
     assert evaluate.default_out(run / "checkpoint-00000001.pt") == run / "eval"
+    from crossmae_fast.eval import evaluator
+
     writes = []
-    real = Path.write_text
-    monkeypatch.setattr(Path, "write_text", lambda p, *a, **k: (writes.append(p.name), real(p, *a, **k))[1])
+    real = evaluator.atomic_write
+    monkeypatch.setattr(evaluator, "atomic_write", lambda p, *a: (writes.append(Path(p).name), real(p, *a))[1])
     assert evaluate.main(cli("--checkpoint", str(run), "--data", str(data), "--pictures", "1")) == 0
-    assert writes.count("metrics.json") == 1
+    assert writes == ["metrics.json"]
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["checkpoint"] == str(run) and metrics["clips"] == 6 and metrics["pictures"]
     assert all(Path(p).parent == run / "eval" / "pictures" for p in metrics["pictures"])

@@ -9,12 +9,21 @@ import json
 
 import pytest
 
-from crossmae_fast import options, pretrain
-from crossmae_fast.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig, opt, run_config
+from crossmae_fast import evaluate, options, pretrain
+from crossmae_fast.config import (
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RunConfig,
+    SummaryConfig,
+    TrainConfig,
+    opt,
+    run_config,
+)
 
 
 def all_fields():
-    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("eval", EvalConfig)):
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig), ("eval", SummaryConfig)):
         for f in dataclasses.fields(cls):
             yield section, f
 
@@ -123,3 +132,21 @@ def test_round_trip_and_errors_name_the_key(tmp_path):
 def test_flat_names_are_unique_across_sections():
     with pytest.raises(TypeError, match="seed"):
         options.leaves(Clash)
+
+
+def test_evaluate_options_are_the_eval_config(tmp_path):
+    """`evaluate`'s options are generated from `EvalConfig` (and the data fields an evaluation may change)."""
+    flags = {s for a in evaluate.build_parser()._actions for s in a.option_strings}
+    for f in dataclasses.fields(EvalConfig):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+    assert {"--loader", "--workers", "--audio-mean"} <= flags and "--sample-rate" not in flags
+    cfg, data = evaluate.parse_args(["--checkpoint", "c", "--data", "d", "--probe-seeds", "3", "4", "--workers", "0"])
+    assert (cfg.checkpoint, cfg.data, cfg.probe_seeds, cfg.pictures, data) == ("c", "d", (3, 4), 4, {"workers": 0})
+    path = tmp_path / "ev.yaml"
+    path.write_text("checkpoint: c\ndata: d\neval:\n  map_size: 112\naudio_std: 2\n")
+    cfg, data = evaluate.parse_args(["--config", str(path), "--map-size", "56"])
+    assert (cfg.map_size, data) == (56, {"audio_std": 2.0})
+    for bad in (["--data", "d"], ["--checkpoint", "c", "--data", "d", "--gt-mode", "x"],
+                ["--checkpoint", "c", "--data", "d", "--device", "gpu"]):
+        with pytest.raises(SystemExit):
+            evaluate.parse_args(bad)

@@ -8,6 +8,7 @@ with VP9 files, plus VP9 and H.264 (B-frames) clips whose frames all differ.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import logging
@@ -98,7 +99,9 @@ def clipset(tmp_path_factory):
 
 
 def epoch(manifest, backend, **kw) -> dict[str, torch.Tensor]:
-    kw = {"batch_size": 3, "train": False, "data_config": CFG, "num_workers": 2, **kw}
+    """Every batch of one epoch, concatenated; `workers` and `video` are set on the data config."""
+    over = {k: kw.pop(k) for k in ("workers", "video") if k in kw}
+    kw = {"batch_size": 3, "train": False, "data_config": dataclasses.replace(CFG, **over), **kw}
     loader = make_loader(manifest, backend=backend, **kw)
     batches = list(loader)
     assert len(batches) == len(loader)
@@ -187,8 +190,9 @@ def test_set_epoch_start_batch_resumes_the_epoch_tail(clipset, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     manifest, _ = clipset
-    loader = make_loader(manifest, backend=backend, batch_size=2, train=True, data_config=CFG, seed=4,
-                         num_workers=0)  # DataLoader in this process: the patched reader below sees every read
+    # workers=0: the DataLoader in this process, so the patched reader below sees every read
+    loader = make_loader(manifest, backend=backend, batch_size=2, train=True, seed=4,
+                         data_config=dataclasses.replace(CFG, workers=0))
     loader.set_epoch(2)
     full = list(loader)
     assert len(full) == len(loader) == 3
@@ -288,7 +292,7 @@ def test_missing_pyav_is_one_clear_error_not_bad_clips(clipset, monkeypatch):
     """Without PyAV no clip is readable: the loader says so instead of marking every row bad."""
     monkeypatch.setitem(sys.modules, "av", None)  # import av raises ImportError
     with pytest.raises(ImportError, match="pip install av"):
-        epoch(clipset[0], "torch", num_workers=0)
+        epoch(clipset[0], "torch", workers=0)
 
 
 def test_dali_missing_falls_back_with_one_warning(clipset, monkeypatch, caplog):
@@ -396,8 +400,9 @@ def test_video_decode_matches_jpeg_frames_and_backends(videoset, caplog):
     # The H.264 row (last) is the JPEG frame in DALI on the CPU.
     assert vs_dali[:-1].max() <= 0.08 and vs_dali[-1] <= 0.12
     # Training: both backends draw the same random frame of the distinct-frame clips.
-    kw = {"train": True, "seed": 2, "batch_size": 6, "video": True}
-    train = {b: make_loader(videoset, backend=b, data_config=CFG, **kw) for b in ("dali", "torch")}
+    kw = {"train": True, "seed": 2, "batch_size": 6}
+    train = {b: make_loader(videoset, backend=b, data_config=dataclasses.replace(CFG, video=True), **kw)
+             for b in ("dali", "torch")}
     for ep in (0, 1):
         batches = {}
         for b, loader in train.items():
@@ -426,7 +431,8 @@ def test_corrupt_video_replaced_and_counted(videoset, tmp_path, caplog):
     path.write_text(json.dumps({"data": rows}))
     for backend in BACKENDS:
         caplog.clear()
-        loader = make_loader(path, backend=backend, batch_size=3, train=False, data_config=CFG, video=True)
+        loader = make_loader(path, backend=backend, batch_size=3, train=False,
+                             data_config=dataclasses.replace(CFG, video=True))
         with caplog.at_level(logging.WARNING, logger="crossmae_fast.data"):
             assert torch.cat([b["index"] for b in loader]).tolist() == [0, 2, 2, 3, 5, 5]
         assert sorted(loader.stats.bad) == [1, 4], (backend, loader.stats.bad)

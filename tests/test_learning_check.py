@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from crossmae_fast import learning_check as lc
+from crossmae_fast.eval import report
 
 
 def fake_metrics(r10: float, clips: int = 80, selection: float | None = None, mismatched: float = 0.42) -> dict:
@@ -31,15 +32,16 @@ def test_targets_need_every_seed_and_beat_the_best_random_init():
               "cl-av s0": model("cl-av", fake_metrics(0.5, selection=0.9)),  # v2a 0.25 < 3 x 0.125
               "random 0": model("crossmae", fake_metrics(0.1, selection=0.5), True),
               "random 1": model("crossmae", fake_metrics(0.1, selection=0.65), True)}
-    verdicts = {(t["target"].split(":")[0], t["model"], t["target"].split(": ")[1][:5]): t for t in lc.targets(models)}
+    targets = report.learning_check_targets(models)
+    verdicts = {(t["target"].split(":")[0], t["model"], t["target"].split(": ")[1][:5]): t for t in targets}
     assert verdicts[("crossmae", "crossmae s0", "A->V ")]["pass"]
     assert not verdicts[("cl-av", "cl-av s0", "V->A ")]["pass"] and verdicts[("cl-av", "cl-av s0", "A->V ")]["pass"]
     sel0, sel1 = verdicts[("crossmae", "crossmae s0", "probe")], verdicts[("crossmae", "crossmae s1", "probe")]
     assert abs(sel0["bar"] - 0.75) < 1e-12 and sel0["pass"] and not sel1["pass"]  # best random 0.65 + 0.10
-    mism = [t for t in lc.targets(models) if "mismatched" in t["target"]]
+    mism = [t for t in targets if "mismatched" in t["target"]]
     assert [t["pass"] for t in mism] == [True, False]  # 0.6 is 0.18 from chance 0.42
-    assert not any(t["model"].startswith(("random", "cl-av")) and "probe" in t["target"] for t in lc.targets(models))
-    table = lc.markdown({"models": models, "targets": lc.targets(models), "command": "lc", "wall_seconds": 2.0,
+    assert not any(t["model"].startswith(("random", "cl-av")) and "probe" in t["target"] for t in targets)
+    table = report.learning_check_markdown({"models": models, "targets": targets, "command": "lc", "wall_seconds": 2.0,
                          "train_wall_seconds": 1.0, "eval_wall_seconds": 1.0, "host": "h"})
     assert "| metric | crossmae s0 | crossmae s1 | cl-av s0 | random 0 | random 1 |" in table
     assert "0 (random init)" in table and "pt cl-av" in table and "0.800 / 0.800" in table

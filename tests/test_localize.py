@@ -7,6 +7,7 @@ audio, a truncated file, a text file; and `synth --video` clips with their WAV m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,13 @@ import torch
 from media_fixtures import av, frame_level, make_video, truncate
 
 from crossmae_fast import localize as cli
-from crossmae_fast.config import data_config, model_config
+from crossmae_fast.components.checkpoint import (
+    TrainState,
+    checkpoint_data_config,
+    checkpoint_state,
+    model_from_checkpoint,
+)
+from crossmae_fast.config import data_config, model_config, run_config
 from crossmae_fast.data import make_loader, normalisation
 from crossmae_fast.data.manifest import read_manifest
 from crossmae_fast.eval.localizer import clip_maps, folder_names, peak
@@ -28,21 +35,20 @@ from crossmae_fast.model.crossmae import CrossMAE
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A run folder holding one checkpoint of an untrained tiny model (with the run's data config)."""
+    """A run folder holding one checkpoint of an untrained tiny model, with its own fbank statistics."""
     root = tmp_path_factory.mktemp("localize_run")
     torch.manual_seed(0)
     cfg = model_config("tiny", ops="reference")
-    state = {"model": CrossMAE(cfg).state_dict(), "optimizer": {}, "step": 1, "epoch": 0, "batch": 1, "rng": [],
-             "config": {"model": cfg.to_dict(), "data": data_config(cfg, audio_mean=-3.0, audio_std=2.5).to_dict()}}
-    torch.save(state, root / "checkpoint-00000001.pt")
+    run_cfg = run_config({"model": cfg.to_dict(), "data": {"audio_mean": -3.0, "audio_std": 2.5}})
+    net = CrossMAE(cfg)
+    torch.save(checkpoint_state(net, torch.optim.SGD(net.parameters()), run_cfg, 1, TrainState(1)),
+               root / "checkpoint-00000001.pt")
     return root
 
 
 @pytest.fixture(scope="module")
 def model(run):
-    from crossmae_fast.eval.evaluator import load_model
-
-    return load_model(run)
+    return model_from_checkpoint(run)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +63,8 @@ def synth_video(synthetic_set, tmp_path_factory):
 def test_inputs_are_the_loaders(synth_video, model):
     manifest, rows, muxed = synth_video
     cfg = normalisation.resolve(data_config(model.cfg), manifest)
-    batch = next(iter(make_loader(manifest, backend="torch", batch_size=len(rows), train=False, data_config=cfg,
-                                  num_workers=0, video=True)))
+    loader_cfg = dataclasses.replace(cfg, loader="torch", workers=0, video=True)
+    batch = next(iter(make_loader(manifest, batch_size=len(rows), train=False, data_config=loader_cfg)))
     for j, path in enumerate(muxed):
         clip = read_clip(path, cfg)
         assert clip.total == 27 and clip.sampled == [int(i * 27 / 10) for i in range(10)]
@@ -147,11 +153,9 @@ def test_cli_on_user_media_with_bad_files_beside(run, tmp_path, capsys):
     for bad, words in ((silent, "no audio"), (cut, "cut short"), (text, "not a video")):
         assert any(str(bad) in line and words in line for line in err), (bad, err)
     assert "wrote 2 of 5" in stdout
-    from crossmae_fast.eval.evaluator import checkpoint_data_config, load_model
-
     run_cfg = checkpoint_data_config(run)  # the run's own fbank statistics, not AudioSet's
     assert run_cfg.audio_mean == -3.0
-    want = clip_maps(load_model(run), [read_clip(good["h264"], run_cfg)])[0]
+    want = clip_maps(model_from_checkpoint(run), [read_clip(good["h264"], run_cfg)])[0]
     np.testing.assert_allclose(np.load(out / "h264" / "embeddings.npz")["audio"], want.audio.numpy(), atol=1e-5)
     for name, src in good.items():
         folder = out / name

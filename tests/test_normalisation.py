@@ -59,7 +59,7 @@ def test_loaders_use_manifest_stats_unless_overridden(stats_set, tmp_path, backe
 
     def first_clip(manifest, **over):
         loader = make_loader(manifest, backend=backend, batch_size=1, train=False,
-                             data_config=data_config(model_config("tiny"), **over), num_workers=0)
+                             data_config=data_config(model_config("tiny"), workers=0, **over))
         assert loader.cfg.audio_mean is not None  # resolved when the loader is built
         return next(iter(loader))["audio"][0].double()
 
@@ -95,9 +95,9 @@ def test_stats_skip_unreadable_clips(tmp_path):
 def test_run_records_stats_and_evaluate_reuses_them(tiny_set, tmp_path, capsys):
     """Round trip: a run normalises with its train manifest's statistics, its checkpoint and config.json
     record them, a resume keeps them, and `evaluate` normalises the eval split with them."""
-    from crossmae_fast import evaluate
+    from crossmae_fast import evaluate, pretrain
+    from crossmae_fast.components.checkpoint import checkpoint_data_config
     from crossmae_fast.config import run_config
-    from crossmae_fast.eval.evaluator import checkpoint_data_config
     from crossmae_fast.train.trainer import Trainer
 
     n = torch.get_num_threads()
@@ -105,7 +105,8 @@ def test_run_records_stats_and_evaluate_reuses_them(tiny_set, tmp_path, capsys):
                 ops="reference", loader="torch", workers=0, save_every=0, export_encoders=False, eval_pictures=0,
                 threads=1, device="cpu")
     try:
-        summary = Trainer(run_config({**base, "steps": 1})).fit()
+        cfg = run_config({**base, "steps": 1})
+        summary = Trainer(cfg, pretrain.make_validator(cfg)).fit()
         Trainer(run_config({**base, "steps": 2, "resume": "auto"})).fit()  # resumes with the recorded values
     finally:
         torch.set_num_threads(n)

@@ -29,11 +29,11 @@ def test_patchify_roundtrip_and_layout():
         pic.unpatchify_audio(a, 4, (4, 2))
 
 
-def test_denormalize_inverts_imagenet_normalisation():
+def test_denormalise_inverts_imagenet_normalisation():
     g = torch.Generator().manual_seed(1)
     rgb = torch.rand(3, 5, 7, generator=g)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    out = pic.denormalize_image((rgb - mean) / std)
+    out = pic.denormalise_image((rgb - mean) / std)
     np.testing.assert_allclose(out, rgb.permute(1, 2, 0).numpy(), atol=1e-6)
     np.testing.assert_allclose(pic.to_display((rgb.permute(1, 2, 0) * 255).to(torch.uint8).numpy()),
                                (rgb.permute(1, 2, 0) * 255).to(torch.uint8).numpy() / 255)

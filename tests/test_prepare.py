@@ -32,7 +32,7 @@ def mixed(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(mixed, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared")
-    summary = prepare(mixed, out, workers=1, image_size=SIZE, progress=False)
+    summary = prepare(mixed, out, processes=1, image_size=SIZE, progress=False)
     return out, summary
 
 
@@ -81,18 +81,18 @@ def test_resume_skips_finished_clips(prepared, mixed):
     out, _ = prepared
     jpg = out / "frames" / "frame_3" / "good_h264.jpg"
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")}
-    s = prepare(mixed, out, workers=1, image_size=SIZE, progress=False)
+    s = prepare(mixed, out, processes=1, image_size=SIZE, progress=False)
     assert (s.done, s.already, sum(s.failed.values())) == (0, 2, 5)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*.jpg")} == stamps
     assert len(read_manifest(out / "manifest.json")) == 2
     jpg.unlink()  # an incomplete clip is redone
-    s = prepare(mixed, out, workers=1, image_size=SIZE, progress=False)
+    s = prepare(mixed, out, processes=1, image_size=SIZE, progress=False)
     assert (s.done, s.already) == (1, 1) and jpg.is_file()
 
 
 def test_workers_give_same_outputs(prepared, mixed, tmp_path):
     out, _ = prepared
-    s = prepare(mixed, tmp_path, workers=2, image_size=SIZE, progress=False)
+    s = prepare(mixed, tmp_path, processes=2, image_size=SIZE, progress=False)
     assert (s.done, s.failed) == (2, Counter(BAD.values()))
     assert (tmp_path / "manifest.json").read_text() == (out / "manifest.json").read_text()
     for p in out.rglob("*"):
@@ -110,7 +110,7 @@ def test_csv_labels_flac_downmix_and_missing(mixed, tmp_path):
         "gone.mp4,bird\n"
         f"{mixed / 'silent.mp4'},fish\n"
     )
-    s = prepare(csv, tmp_path / "out", workers=0, audio_format="flac", frames=4, image_size=SIZE,
+    s = prepare(csv, tmp_path / "out", processes=0, audio_format="flac", frames=4, image_size=SIZE,
                 progress=False)
     assert (s.done, s.failed) == (2, Counter({"missing": 1, "no_audio": 1}))
     rows = read_manifest(tmp_path / "out" / "manifest.json")
@@ -123,15 +123,15 @@ def test_csv_labels_flac_downmix_and_missing(mixed, tmp_path):
 
 
 def test_settings_change_redoes_clips(prepared, mixed, tmp_path):
-    prepare(mixed, tmp_path, workers=1, image_size=SIZE, progress=False)
-    s = prepare(mixed, tmp_path, workers=1, image_size=SIZE + 8, progress=False)
+    prepare(mixed, tmp_path, processes=1, image_size=SIZE, progress=False)
+    s = prepare(mixed, tmp_path, processes=1, image_size=SIZE + 8, progress=False)
     assert (s.done, s.already) == (2, 0)
     with Image.open(tmp_path / "frames" / "frame_0" / "good_vp9.jpg") as im:
         assert im.size == (SIZE + 8, SIZE + 8)
 
 
 def test_cli(mixed, tmp_path, capsys):
-    assert main([str(mixed), "--out", str(tmp_path), "--workers", "1", "--image-size", "16", "--quiet"]) == 0
+    assert main([str(mixed), "--out", str(tmp_path), "--processes", "1", "--image-size", "16", "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "2 done, 0 already done, 5 failed" in printed and "manifest.json (2 clips)" in printed
     assert main([str(tmp_path / "nowhere"), "--out", str(tmp_path)]) == 2
@@ -141,7 +141,7 @@ def test_cli(mixed, tmp_path, capsys):
 def test_duplicate_stems_get_distinct_ids(tmp_path):
     for d in ("a", "b"):
         make_video(tmp_path / "src" / d / "clip.mp4", seconds=0.5)
-    s = prepare(tmp_path / "src", tmp_path / "out", workers=1, image_size=SIZE, progress=False)
+    s = prepare(tmp_path / "src", tmp_path / "out", processes=1, image_size=SIZE, progress=False)
     assert s.done == 2
     ids = [r["video_id"] for r in read_manifest(tmp_path / "out" / "manifest.json")]
     assert ids == ["a__clip", "b__clip"]

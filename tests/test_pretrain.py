@@ -12,13 +12,16 @@ import pytest
 import torch
 
 from crossmae_fast import options, pretrain
+from crossmae_fast.components import checkpoint as ckpt
+from crossmae_fast.components import lr_schedule
+from crossmae_fast.components.lr_schedule import lr_at
+from crossmae_fast.components.metrics_log import NonFiniteLoss
 from crossmae_fast.config import RunConfig, TrainConfig, model_config, run_config
 from crossmae_fast.data import normalisation
+from crossmae_fast.files import atomic_write
 from crossmae_fast.model.crossmae import CrossMAE
-from crossmae_fast.train import checkpoint as ckpt
 from crossmae_fast.train import trainer
-from crossmae_fast.train.metrics import NonFiniteLoss
-from crossmae_fast.train.step import TrainStep, lr_at, param_groups
+from crossmae_fast.train.step import TrainStep, param_groups
 from crossmae_fast.train.trainer import Trainer
 
 
@@ -94,13 +97,15 @@ def test_help_documents_every_field(capsys):
 
 
 def test_warmup_forms_and_schedule():
-    assert TrainConfig(warmup="7").warmup_steps(100, 10) == 7
-    assert TrainConfig(warmup="1.5ep").warmup_steps(100, 10) == 15
-    assert TrainConfig(warmup="10%").warmup_steps(200, 10) == 20
-    assert run_config().train.base_lr(512) == pytest.approx(2.4e-3 * 2)  # the tiny preset's default blr
-    assert run_config(preset="base").train.base_lr(512) == pytest.approx(1.5e-4 * 2)
-    assert run_config(preset="tiny", blr=1e-4).train.base_lr(512) == pytest.approx(1e-4 * 2)  # options beat presets
-    assert TrainConfig(blr=1e-4, lr=0.5).base_lr(512) == 0.5
+    assert lr_schedule.warmup_steps(TrainConfig(warmup="7"), 100, 10) == 7
+    assert lr_schedule.warmup_steps(TrainConfig(warmup="1.5ep"), 100, 10) == 15
+    assert lr_schedule.warmup_steps(TrainConfig(warmup="10%"), 200, 10) == 20
+    assert lr_schedule.base_lr(run_config().train, 512) == pytest.approx(2.4e-3 * 2)  # the tiny preset's blr
+    assert lr_schedule.base_lr(run_config(preset="base").train, 512) == pytest.approx(1.5e-4 * 2)
+    assert lr_schedule.base_lr(run_config(preset="tiny", blr=1e-4).train, 512) == pytest.approx(1e-4 * 2)
+    assert lr_schedule.base_lr(TrainConfig(blr=1e-4, lr=0.5), 512) == 0.5
+    sched = lr_schedule.schedule_for(TrainConfig(steps=None, epochs=2.5, warmup="1ep", blr=1e-3), 8, 512)
+    assert (sched.total, sched.warmup, sched.base_lr) == (20, 8, pytest.approx(2e-3))
     lrs = [lr_at(s, 1.0, 0.1, 10, 110) for s in range(111)]
     assert lrs[0] == 0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
@@ -249,30 +254,35 @@ def test_sigint_saves_keeps_k_and_exports(synth, tmp_path, monkeypatch):
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     path = tmp_path / "x.pt"
-    ckpt.atomic_write(path, lambda f: f.write(b"good"))
+    atomic_write(path, lambda f: f.write(b"good"))
 
     def broken(f):
         f.write(b"partial")
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ckpt.atomic_write(path, broken)
+        atomic_write(path, broken)
     assert path.read_bytes() == b"good" and [p.name for p in tmp_path.iterdir()] == ["x.pt"]
 
 
 def test_final_evaluation_uses_the_runs_data_settings(synth, tmp_path, monkeypatch):
-    from crossmae_fast.eval import evaluator
+    """The CLI's validator evaluates with the run's data settings, batch, seed and OUT/eval; the Trainer
+    calls it once after a complete run and logs its result."""
+    from crossmae_fast.eval import evaluator, report
 
     seen = {}
 
-    def fake_evaluate(model, manifest, **kw):
-        seen.update(kw, manifest=manifest, training=model.training)
+    def fake_evaluate(model, manifest, cfg, data):
+        seen.update(manifest=manifest, cfg=cfg, data=data, training=model.training)
         return {"retrieval": {"a2v": {"R@1": 0.5}}}
 
     monkeypatch.setattr(evaluator, "evaluate", fake_evaluate)
-    monkeypatch.setattr(evaluator, "format_tables", lambda result: "tables")
-    summary = fit(tiny_cfg(synth, tmp_path, steps=2, audio_mean=-4.0, eval_data=str(synth["eval"]), eval_pictures=1))
+    monkeypatch.setattr(report, "format_tables", lambda result: "tables")
+    cfg = tiny_cfg(synth, tmp_path, steps=2, audio_mean=-4.0, eval_data=str(synth["eval"]), eval_pictures=1)
+    summary = Trainer(cfg, pretrain.make_validator(cfg)).fit()
     assert summary["eval"] == {"retrieval": {"a2v": {"R@1": 0.5}}}
-    assert seen["data"].audio_mean == -4.0 and seen["data"].image_size == 64 and seen["pictures_k"] == 1
-    assert seen["manifest"] == str(synth["eval"]) and seen["out_dir"] == tmp_path / "eval"
+    assert seen["data"].audio_mean == -4.0 and seen["data"].image_size == 64 and seen["cfg"].pictures == 1
+    assert seen["manifest"] == str(synth["eval"]) and seen["cfg"].out == str(tmp_path / "eval")
+    assert (seen["cfg"].batch_size, seen["cfg"].seed, seen["training"]) == (4, 0, False)
     assert metrics(tmp_path)[-1] == {"step": 2, "eval": summary["eval"]}
+    assert "eval" not in fit(tiny_cfg(synth, tmp_path / "b", steps=1, eval_data=str(synth["eval"])))  # no validator

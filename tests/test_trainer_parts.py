@@ -14,11 +14,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from crossmae_fast.components import checkpoint as ckpt
+from crossmae_fast.components.checkpoint import TrainState
+from crossmae_fast.components.metrics_log import MetricsLog, NonFiniteLoss, trim_metrics
+from crossmae_fast.components.stopping import Stopper
 from crossmae_fast.config import run_config
-from crossmae_fast.train import checkpoint as ckpt
-from crossmae_fast.train.metrics import MetricsLog, NonFiniteLoss, trim_metrics
-from crossmae_fast.train.stopping import Stopper
-from crossmae_fast.train.trainer import TrainState
 
 # --- what a resume may change ---------------------------------------------------------------------
 
@@ -58,19 +58,22 @@ def test_fields_that_change_the_updates_must_match(change, name):
     assert name in str(e.value)
 
 
-def test_world_size_and_old_checkpoints_refused():
+def test_world_size_and_old_checkpoints_refused(tmp_path):
     cfg = run_config()
     with pytest.raises(ValueError, match="world_size: 2 -> 1"):
         ckpt.check_resume(state_of(cfg, world_size=2), cfg, 1, "c.pt")
-    with pytest.raises(ValueError, match="earlier version"):
-        ckpt.check_resume({"model_config": cfg.model.to_dict(), "train_config": {}}, cfg, 1, "c.pt")
+    old = tmp_path / ckpt.checkpoint_name(1)  # the pre-release layout: no `config`, no `world_size`
+    torch.save({"model": {}, "optimizer": {}, "step": 1, "epoch": 0, "batch": 1, "rng": [], "metrics": {},
+                "model_config": cfg.model.to_dict(), "train_config": {}}, old)
+    with pytest.raises(ValueError, match="missing config, world_size"):
+        ckpt.load_checkpoint(old)
 
 
 def test_field_missing_from_a_checkpoint_counts_as_its_default():
     cfg = run_config()
     saved = cfg.to_dict()
     del saved["model"]["contrastive_weight"], saved["data"]["eval_frame"]
-    assert ckpt.check_resume({"config": saved}, cfg, 1, "c.pt") == []
+    assert ckpt.check_resume({"config": saved, "world_size": 1}, cfg, 1, "c.pt") == []
 
 
 def test_resolve_resume(tmp_path):
@@ -110,7 +113,7 @@ class FakeStep:
 def test_metrics_log_resumes_trims_and_stops_on_nan(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (5, 10, 15)))
-    mlog = MetricsLog(tmp_path, total=40, per_epoch=8, global_batch=4, main=True, step=10, seconds=100.0)
+    mlog = MetricsLog(tmp_path, total=40, per_epoch=8, global_batch=4, is_main=True, step=10, seconds=100.0)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [5, 10]  # past the checkpoint: gone
     step = FakeStep({"loss": 0.5, "contrastive": 0.25}, {"loss": float("nan"), "contrastive": 1.0})
     assert mlog.flush(step, 12, 1e-3) is None  # nothing accumulated: no record
@@ -171,8 +174,52 @@ def test_ranks_agree_to_stop_at_log_steps(tmp_path):
 # --- state ------------------------------------------------------------------------------------------
 
 
-def test_train_state_carries_whole_epochs():
-    s = TrainState(step=9, epoch=1, batch=9)
-    s.normalise(4)
+def test_train_state_carries_whole_epochs_and_round_trips():
+    s = TrainState(step=9, epoch=1, batch=9, metrics={"loss": 1.0})
+    s.carry_epochs(4)
     assert (s.epoch, s.batch) == (3, 1)
-    assert TrainState.from_checkpoint({"step": 5, "epoch": 1, "batch": 1, "rng": [{}]}).metrics == {}
+    back = TrainState()
+    back.load_state_dict(s.state_dict())
+    assert back == s
+    assert set(s.state_dict()) < set(ckpt.REQUIRED)  # the checkpoint's keys come from the state's fields
+    with pytest.raises(KeyError):
+        back.load_state_dict({"step": 5, "epoch": 1, "batch": 1, "rng": [{}]})  # no `metrics`
+
+
+# --- TensorBoard ------------------------------------------------------------------------------------
+
+
+def test_metrics_log_writes_tensorboard_scalars_on_the_main_rank(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mlog = MetricsLog(tmp_path, total=4, per_epoch=2, global_batch=4, is_main=True, tensorboard=True)
+    step = FakeStep({"loss": 0.5, "contrastive": 0.25})
+    step.count = 2
+    mlog.flush(step, 2, 1e-3)
+    mlog.append({"step": 4, "eval": {"retrieval": {"a2v": {"r1": 0.75}}, "manifest": "x.json"}})
+    mlog.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "contrastive", "lr", "epoch", "eval/retrieval/a2v/r1"} <= set(tags) and "step" not in tags
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("eval/retrieval/a2v/r1")] == [(4, 0.75)]
+    other = tmp_path / "rank1"
+    MetricsLog(other, total=4, per_epoch=2, global_batch=4, is_main=False, tensorboard=True).close()
+    assert not other.exists()  # only the main rank writes
+
+
+def test_tensorboard_missing_is_one_clear_error(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith(("torch.utils.tensorboard", "tensorboard")):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+        MetricsLog(tmp_path, total=4, per_epoch=2, global_batch=4, is_main=True, tensorboard=True)

@@ -12,40 +12,37 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from crossmae_fast.config import LOADERS
+
 if TYPE_CHECKING:
     from crossmae_fast.config import DataConfig
     from crossmae_fast.data.clips import ClipLoader
 
-BACKENDS = ("dali", "torch")
 log = logging.getLogger("crossmae_fast.data")
 _warned = False
 
-__all__ = ["BACKENDS", "make_loader"]
+__all__ = ["make_loader"]
 
 
 def make_loader(
     manifest: str | Path, *, backend: str | None = None, batch_size: int, train: bool, data_config: DataConfig,
-    device="cpu", rank: int = 0, world_size: int = 1, num_workers: int | None = None, seed: int = 0,
-    drop_last: bool | None = None, video: bool | None = None,
+    device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, drop_last: bool | None = None,
 ) -> ClipLoader:
     """Loader over `manifest` for this rank: iterable of batches, with `len()`, `set_epoch()`, `stats`.
 
     Training shuffles per epoch (`set_epoch`) and draws a random frame of `num_frames`; evaluation
     keeps the manifest order and uses frame `eval_frame`. `drop_last` defaults to `train`.
-    `num_workers` is the DataLoader's worker count or DALI's thread count. `backend="dali"` falls
-    back to the torch loader, with one warning, when DALI cannot be imported. `video=True` decodes
-    the chosen frame from a row's `"video"` file (same frame rule as the JPEGs; rows without one use
-    their JPEG frames). `backend`, `num_workers` and `video` default to `data_config`'s `loader`,
-    `workers` and `video`.
+    `backend` defaults to `data_config.loader`; `backend="dali"` falls back to the torch loader, with
+    one warning, when DALI cannot be imported. `data_config.workers` is the DataLoader's worker count
+    or DALI's thread count; `data_config.video` decodes the chosen frame from a row's `"video"` file
+    (same frame rule as the JPEGs; rows without one use their JPEG frames).
     """
     from crossmae_fast.data.torch_loader import TorchLoader
 
     global _warned
     backend = data_config.loader if backend is None else backend
-    num_workers = data_config.workers if num_workers is None else num_workers
-    video = data_config.video if video is None else video
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+    if backend not in LOADERS:
+        raise ValueError(f"backend={backend!r} is not one of {LOADERS}")
     cls = TorchLoader
     if backend == "dali":
         try:
@@ -55,5 +52,4 @@ def make_loader(
                 log.warning("data: DALI is not importable (%s); using the torch loader", e)
                 _warned = True
     return cls(manifest, batch_size=batch_size, train=train, data_config=data_config, device=device,
-               rank=rank, world_size=world_size, num_workers=num_workers, seed=seed, drop_last=drop_last,
-               video=video)
+               rank=rank, world_size=world_size, seed=seed, drop_last=drop_last)

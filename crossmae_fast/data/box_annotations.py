@@ -33,7 +33,7 @@ FLICKR_SCALE = 256
 CORNERS = ("xmin", "ymin", "xmax", "ymax")
 
 
-def normalize_box(box: Sequence[float], scale: float = 1.0) -> list[float] | None:
+def normalise_box(box: Sequence[float], scale: float = 1.0) -> list[float] | None:
     """`[x0, y0, x1, y1] / scale` clipped to [0, 1]; None when the box is empty or malformed."""
     if len(box) != 4:
         return None
@@ -63,7 +63,7 @@ def read_flickr_xml(path: str | Path, scale: float = FLICKR_SCALE) -> list[list[
             raw = [float(t) for t in texts]
         except (TypeError, ValueError):
             raise ValueError(f"{path}: bbox {i} has non-numeric corners {texts}") from None
-        box = normalize_box(raw, scale)
+        box = normalise_box(raw, scale)
         if box is None:
             log.warning("%s: dropping empty or malformed bbox %d %s", path, i, raw)
         else:
@@ -126,7 +126,7 @@ def vggss_rows(json_path: str | Path, audio_dir: str | Path, frame_dir: str | Pa
         seen.add(vid)
         boxes = []
         for j, raw in enumerate(entry["bbox"]):
-            box = normalize_box(raw) if isinstance(raw, (list, tuple)) else None
+            box = normalise_box(raw) if isinstance(raw, (list, tuple)) else None
             if box is None:
                 log.warning("%s: %s: dropping empty or malformed bbox %d %s", json_path, vid, j, raw)
             else:
@@ -155,7 +155,7 @@ def center_crop_boxes(boxes: Sequence[Sequence[float]], width: int, height: int)
     ox, oy = (width - side) / 2, (height - side) / 2
     out = []
     for x0, y0, x1, y1 in boxes:
-        box = normalize_box([x0 * width - ox, y0 * height - oy, x1 * width - ox, y1 * height - oy], side)
+        box = normalise_box([x0 * width - ox, y0 * height - oy, x1 * width - ox, y1 * height - oy], side)
         if box is not None:
             out.append(box)
     return out

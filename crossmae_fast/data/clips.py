@@ -106,8 +106,7 @@ class ClipLoader:
 
     def __init__(
         self, manifest: str | Path, *, batch_size: int, train: bool, data_config: DataConfig, device,
-        rank: int = 0, world_size: int = 1, num_workers: int = 2, seed: int = 0,
-        drop_last: bool | None = None, video: bool = False,
+        rank: int = 0, world_size: int = 1, seed: int = 0, drop_last: bool | None = None,
     ):
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
@@ -115,7 +114,7 @@ class ClipLoader:
         self.clips = ClipSet(manifest, data_config)
         self.cfg, self.batch_size, self.train = data_config, batch_size, train
         self.device, self.rank, self.world_size = device, rank, world_size
-        self.num_workers, self.seed, self.video = num_workers, seed, video
+        self.num_workers, self.seed, self.video = data_config.workers, seed, data_config.video
         self.drop_last = train if drop_last is None else drop_last
         self.epoch, self.start_batch = 0, 0
         self.stats = LoaderStats()

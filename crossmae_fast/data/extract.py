@@ -48,6 +48,7 @@ from crossmae_fast.data.media import (
     write_audio,
 )
 from crossmae_fast.data.normalisation import STATS_KEY, fbank_stats
+from crossmae_fast.files import atomic_write
 
 VIDEO_SUFFIXES = frozenset(
     ".mp4 .m4v .mkv .webm .avi .mov .mpg .mpeg .flv .wmv .3gp .ts .mts .ogv".split()
@@ -261,9 +262,7 @@ def _work(job: tuple[Clip, Settings, str, int]) -> tuple[Clip, dict | None, str,
             return clip, None, "missing", f"{clip.path}: no such file"
         return clip, None, "error", f"{type(e).__name__}: {e}"
     marker = out / "done" / f"{clip.video_id}.json"
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"source": [clip.path, *stamp], "settings": asdict(s), "row": row}))
-    os.replace(tmp, marker)
+    atomic_write(marker, json.dumps({"source": [clip.path, *stamp], "settings": asdict(s), "row": row}))
     return clip, row, "", ""
 
 
@@ -272,7 +271,7 @@ def prepare(
     out: str | os.PathLike,
     *,
     frames: int = NUM_FRAMES,
-    workers: int = 1,
+    processes: int = 1,
     audio_format: str = "wav",
     image_size: int = 224,
     sample_rate: int = SAMPLE_RATE,
@@ -302,10 +301,10 @@ def prepare(
     summary.already = len(rows)
 
     failures = []
-    threads = 0 if workers <= 1 else 1
+    threads = 0 if processes <= 1 else 1
     jobs = [(c, s, str(out), threads) for c in todo]
-    pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(workers) \
-        if workers > 1 and len(jobs) > 1 else None
+    pool = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn").Pool(processes) \
+        if processes > 1 and len(jobs) > 1 else None
     try:
         results = pool.imap_unordered(_work, jobs) if pool else map(_work, jobs)
         bar = tqdm(results, total=len(jobs), unit="clip", disable=not progress, file=sys.stderr)
@@ -329,8 +328,6 @@ def prepare(
     write_manifest(out / "manifest.json", kept, **({STATS_KEY: stats} if stats else {}))
     order = {c.video_id: j for j, c in enumerate(clips)}
     failures.sort(key=lambda f: order[f["video_id"]])
-    tmp = out / ".failures.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
-    os.replace(tmp, out / "failures.jsonl")
+    atomic_write(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
     summary.seconds = time.perf_counter() - t0
     return summary

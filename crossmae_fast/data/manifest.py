@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from crossmae_fast.files import atomic_write
 
 REQUIRED = ("video_id", "wav", "video_path", "labels")
 PATH_FIELDS = ("wav", "video_path", "video")
@@ -76,24 +77,13 @@ def read_manifest(path: str | os.PathLike, resolve: bool = True) -> list[dict]:
 
 
 def write_manifest(path: str | os.PathLike, rows: list[dict], **extra) -> Path:
-    """Validate and write `{"data": rows, **extra}` atomically (temporary file in the same folder, then
-    rename). `extra`: top-level keys beside the rows, e.g. `fbank_stats` (data/normalisation.py)."""
+    """Validate and write `{"data": rows, **extra}` atomically (`crossmae_fast.files.atomic_write`).
+    `extra`: top-level keys beside the rows, e.g. `fbank_stats` (data/normalisation.py)."""
     path = Path(path)
     manifest = {"data": list(rows), **extra}
     validate(manifest, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(manifest, indent=1) + "\n", mode=0o644)
     return path
 
 

@@ -50,7 +50,7 @@ from statistics import NormalDist
 import numpy as np
 from PIL import Image
 
-from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
+from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE, SYNTH_SECONDS
 from crossmae_fast.data.manifest import frame_path, write_manifest
 from crossmae_fast.data.media import frame_indices, require, save_jpeg, write_audio
 from crossmae_fast.data.normalisation import STATS_KEY, fbank_stats
@@ -234,17 +234,17 @@ def make_synthetic_set(
     clips: int,
     seed: int,
     video: bool = False,
-    seconds: float = 4.0,
+    seconds: float = SYNTH_SECONDS,
     image_size: int = 224,
     eval_fraction: float = 0.25,
-    workers: int = 0,
+    threads: int = 0,
 ) -> dict[str, Path]:
     """Write the synthetic set into `out`; returns {"train": path, "eval": path} of the manifests.
-    `workers` writer threads (0: up to twice the CPU count, at most 8) do not change the bytes."""
-    if clips < 1 or seed < 0 or seconds <= 0 or not 0 <= eval_fraction <= 1 or workers < 0:
+    `threads` writer threads (0: up to twice the CPU count, at most 8) do not change the bytes."""
+    if clips < 1 or seed < 0 or seconds <= 0 or not 0 <= eval_fraction <= 1 or threads < 0:
         raise ValueError(
-            f"need clips >= 1, seed >= 0, seconds > 0, 0 <= eval_fraction <= 1, workers >= 0; got clips={clips}, "
-            f"seed={seed}, seconds={seconds}, eval_fraction={eval_fraction}, workers={workers}"
+            f"need clips >= 1, seed >= 0, seconds > 0, 0 <= eval_fraction <= 1, threads >= 0; got clips={clips}, "
+            f"seed={seed}, seconds={seconds}, eval_fraction={eval_fraction}, threads={threads}"
         )
     if image_size < 8 or (video and image_size % 2):
         raise ValueError(f"image_size={image_size} must be at least 8 (and even with video)")
@@ -253,7 +253,7 @@ def make_synthetic_set(
         (out / d).mkdir(parents=True, exist_ok=True)
     # Threads overlap file-system waits with numpy and JPEG work (both release the GIL); every clip
     # has its own random stream, so the result does not depend on the scheduling.
-    with ThreadPoolExecutor(workers or max(1, min(8, 2 * (os.cpu_count() or 1)))) as pool:
+    with ThreadPoolExecutor(threads or max(1, min(8, 2 * (os.cpu_count() or 1)))) as pool:
         rows = list(pool.map(lambda j: make_clip(out, seed, j, video=video, seconds=seconds,
                                                  image_size=image_size), range(clips)))
     n_eval = round(clips * eval_fraction)
@@ -295,7 +295,7 @@ def cached_synthetic_set(
     clips: int,
     seed: int = 0,
     *,
-    seconds: float = 4.0,
+    seconds: float = SYNTH_SECONDS,
     image_size: int = 224,
     video: bool = False,
     eval_fraction: float = 0.25,

@@ -37,6 +37,7 @@ from crossmae_fast.eval import overlay
 from crossmae_fast.eval.metrics import localization_map
 from crossmae_fast.eval.probe import ProbeHeads
 from crossmae_fast.eval.video import UserClip, Window, crop_box, read_clip, window_frames
+from crossmae_fast.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,12 @@ def write_outputs(clip: UserClip, result: ClipResult, folder: Path, kind: str, e
         "frames": [{"index": i, "time": round(t, 3), "peak_xy": peak(m, clip.display_size)}
                    for i, (t, m) in enumerate(zip(clip.times, result.maps))],
     }
-    (folder / "localization.json").write_text(json.dumps(summary, indent=1) + "\n")
+    atomic_write(folder / "localization.json", json.dumps(summary, indent=1) + "\n")
     paths.append(folder / "localization.json")
     if embed:
         path = folder / "embeddings.npz"
-        np.savez(path, audio=result.audio.numpy(), visual=result.visual.numpy(),
-                 times=np.asarray(clip.times, np.float32))
+        atomic_write(path, lambda f: np.savez(f, audio=result.audio.numpy(), visual=result.visual.numpy(),
+                                              times=np.asarray(clip.times, np.float32)))
         paths.append(path)
     return paths
 
@@ -132,7 +133,7 @@ def error_line(path: Path, e: Exception) -> str:
 
 def localize(model: torch.nn.Module, videos: Sequence[str | Path], out: str | Path, data: DataConfig,
              window: Window | None = None, heads: Sequence[ProbeHeads] = (), embed: bool = False,
-             batch_size: int = 8, workers: int = 2, report: Callable[[str], None] = print,
+             batch_size: int = 32, workers: int = 2, report: Callable[[str], None] = print,
              ) -> tuple[dict[str, Path], dict[str, str]]:
     """Maps for every video; returns ({video: its output folder}, {video: error line}). `report`
     receives one progress line per video."""

@@ -88,7 +88,7 @@ def localization_map(
     return F.interpolate(cos, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
 
 
-def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     """Per-map min-max normalisation of [N, H, W] maps to [0, 1]; constant maps are returned unchanged."""
     flat = maps.flatten(1)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
@@ -99,7 +99,7 @@ def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
 
 def binarize_at_median(maps: torch.Tensor) -> torch.Tensor:
     """[N, H, W] min-max normalised maps -> 0/1 maps, 1 where the pixel >= the (H*W//2)-th smallest value."""
-    flat = normalize_maps(maps).flatten(1)
+    flat = normalise_maps(maps).flatten(1)
     thr = flat.kthvalue(flat.shape[1] // 2 + 1, dim=1, keepdim=True).values
     return (flat >= thr).to(flat.dtype).view_as(maps)
 

@@ -4,13 +4,12 @@ A map covers the centred square the model saw (`video.crop_box`); it is min-max 
 frame (as the evaluation pictures are), coloured with the `jet` colour map and blended over that
 square; the parts of the frame the model did not see are dimmed. In the MP4 every frame of the window
 carries the map of the last sampled frame at or before it (the 10 maps are 10 samples of the clip),
-and the window's original audio is encoded beside it as AAC. Writing is atomic per file (a temporary
-name, then a rename), so an interrupted run leaves no half-written output.
+and the window's original audio is encoded beside it as AAC. Every file is written atomically
+(`files.atomic_write`), so an interrupted run leaves no half-written output.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -23,8 +22,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from crossmae_fast.data.media import require
-from crossmae_fast.eval.metrics import normalize_maps
+from crossmae_fast.eval.metrics import normalise_maps
 from crossmae_fast.eval.video import crop_box
+from crossmae_fast.files import atomic_write
 
 ALPHA = 0.5
 """Weight of the heat colour over the frame."""
@@ -35,7 +35,7 @@ DIM = 0.45
 def heat_layers(maps: torch.Tensor, side: int) -> np.ndarray:
     """Maps [N, h, w] (any size) -> RGB heat colours [N, side, side, 3] in [0, 1], each map min-max
     normalised and bilinearly resized to `side`."""
-    m = normalize_maps(maps.float().cpu())
+    m = normalise_maps(maps.float().cpu())
     m = F.interpolate(m[:, None], size=(side, side), mode="bilinear", align_corners=True)[:, 0]
     return colormaps["jet"](m.clamp(0, 1).numpy())[..., :3]
 
@@ -55,7 +55,7 @@ def write_frame_pngs(frames: Sequence[Image.Image], heat: np.ndarray, folder: Pa
     paths = []
     for i, (frame, h) in enumerate(zip(frames, heat)):
         path = folder / f"frame_{i}.png"
-        _atomic(path, lambda tmp, f=frame, h=h: Image.fromarray(blend(f, h)).save(tmp, format="PNG"))
+        _write(path, lambda out, f=frame, h=h: Image.fromarray(blend(f, h)).save(out, format="PNG"))
         paths.append(path)
     return paths
 
@@ -73,7 +73,7 @@ def write_overview(frames: Sequence[Image.Image], heat: np.ndarray, times: Seque
         ax.imshow(blend(frame, h)[top:bottom, left:right])
         ax.set_title(f"{t:.1f} s", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight"))
+    _write(path, lambda out: fig.savefig(out, format="png", dpi=80, bbox_inches="tight"))
     return path
 
 
@@ -84,8 +84,8 @@ def write_overlay_mp4(path: Path, frames: Iterable[tuple[float, Image.Image]], h
     last sampled position <= k; `sound` [C, N] float32 at `sound_rate` is the audio track."""
     av = require("av")
 
-    def write(tmp: Path) -> None:
-        with av.open(str(tmp), "w", format="mp4") as out:
+    def write(file) -> None:
+        with av.open(file, "w", format="mp4") as out:
             vs = out.add_stream("libx264" if "libx264" in av.codecs_available else "mpeg4", rate=fps)
             vs.width, vs.height, vs.pix_fmt = *size, "yuv420p"
             aus = out.add_stream("aac", rate=sound_rate)
@@ -107,17 +107,10 @@ def write_overlay_mp4(path: Path, frames: Iterable[tuple[float, Image.Image]], h
                 out.mux(aus.encode(af))
             out.mux(aus.encode(None))
 
-    _atomic(path, write)
+    _write(path, write)
     return path
 
 
-def _atomic(path: Path, write) -> None:
-    """`write(tmp)` to a temporary name beside `path` (same suffix, for formats chosen by it), then
-    rename it over `path`."""
+def _write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, write)

@@ -47,7 +47,7 @@ def unpatchify_audio(x: torch.Tensor, p: int, grid: tuple[int, int]) -> torch.Te
     return torch.einsum("nhwpq->nhpwq", x).reshape(b, t * p, f * p)
 
 
-def denormalize_image(image: Array, mean: Sequence[float] = IMAGENET_MEAN,
+def denormalise_image(image: Array, mean: Sequence[float] = IMAGENET_MEAN,
                       std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """ImageNet-normalised [3, H, W] -> [H, W, 3] float in [0, 1]."""
     x = _np(image)
@@ -61,7 +61,7 @@ def to_display(image: Array) -> np.ndarray:
     """[3, H, W] normalised, or [H, W, 3] uint8 / [0, 1] float -> [H, W, 3] float in [0, 1]."""
     raw = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if raw.ndim == 3 and raw.shape[0] == 3 and raw.shape[-1] != 3:
-        return denormalize_image(raw)
+        return denormalise_image(raw)
     if raw.ndim != 3 or raw.shape[-1] != 3:
         raise ValueError(f"expected a [3, H, W] or [H, W, 3] image, got shape {raw.shape}")
     return raw / 255.0 if raw.dtype == np.uint8 else np.clip(raw.astype(np.float64), 0, 1)
@@ -169,7 +169,7 @@ def plot_image_reconstruction(image: Array, pred: Array, mask: Array, path: str 
     titles = ["masked input", "prediction", "prediction + visible", "target"]
     fig = Figure(figsize=(13, 3.6), layout="constrained")
     for ax, x, title in zip(fig.subplots(1, 4), panels, titles):
-        img = denormalize_image(unpatchify_image(x[None], patch, grid)[0])
+        img = denormalise_image(unpatchify_image(x[None], patch, grid)[0])
         if title == "masked input":
             img = np.where(_upsample(_np(mask), grid, patch)[..., None] > 0, 0.5, img)
         ax.imshow(img)

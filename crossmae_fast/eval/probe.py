@@ -15,13 +15,14 @@ Everything is seeded: the same features and seed give the same heads.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from crossmae_fast.files import atomic_write
 
 
 @dataclass
@@ -121,13 +122,7 @@ def save_probes(path: str | Path, heads: dict[int, ProbeHeads], cfg: ProbeConfig
                                                 for k, v in dataclasses.asdict(cfg).items()},
              "width": first.audio.in_features, "source": dict(source),
              "heads": {str(s): {k: v.detach().cpu() for k, v in h.state_dict().items()} for s, h in heads.items()}}
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_probes(path: str | Path) -> tuple[list[ProbeHeads], dict]:

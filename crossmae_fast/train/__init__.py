@@ -1,1 +1,1 @@
-"""Pre-training: the optimisation step (`step.py`), checkpoints and multi-process helpers."""
+"""Pre-training: the optimisation step (`step.py`) and the loop (`trainer.py`), on components/."""

@@ -1,5 +1,5 @@
-"""Pre-training recipe (docs/design.md section 4): AdamW parameter groups, the learning-rate schedule and
-`TrainStep`, one optimisation step that runs as a single CUDA graph on GPUs.
+"""Pre-training recipe (docs/design.md section 4): AdamW parameter groups and `TrainStep`, one
+optimisation step that runs as a single CUDA graph on GPUs (the schedule: components/lr_schedule.py).
 
 `TrainStep` never reads a value back to the host: the learning rate is a device tensor written
 between steps and the loss terms accumulate in a device tensor that `read()` fetches (one sync) every
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable
 
 import torch
@@ -40,14 +39,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float, device: torch.
     """AdamW (0.9, 0.95); `capturable` on CUDA so its step can live inside a CUDA graph."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr, betas=(0.9, 0.95),
                              capturable=device.type == "cuda")
-
-
-def lr_at(step: int, base_lr: float, min_lr: float, warmup: int, total: int) -> float:
-    """Per-iteration linear warm-up from 0, then a half-cycle cosine to `min_lr` (MAE's schedule)."""
-    if step < warmup:
-        return base_lr * step / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
 class TrainStep:

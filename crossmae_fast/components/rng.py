@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from crossmae_fast.train import distributed
+from crossmae_fast.components import distributed
 
 
 def seed_all(seed: int) -> None:

@@ -1,25 +1,26 @@
-"""Training checkpoints: atomic writes, the newest K kept, a `latest` pointer, finding the one to
-resume, and the rules for what a resumed run may change (`RESUME_FREE`, `RESUME_LENGTH`: the only
-place they live).
+"""The checkpoint file format and the rules around it, for every loop that writes checkpoints and every
+tool that reads them: writing (atomic, the newest K kept, a `latest` pointer), finding the one to
+resume, reading (`weights_only=True`), the model and data settings a checkpoint describes, and what a
+resumed run may change (`RESUME_FREE`, `RESUME_LENGTH`: the only place they live).
 
-A checkpoint is a dict of tensors and plain values only (loadable with `weights_only=True`):
-`model`, `optimizer`, `step`, `epoch` and `batch` (data position: batches of `epoch` already used),
-`rng` (one entry per rank: torch CPU / CUDA, numpy and Python states as tensors), `world_size`,
-`config` (the whole `RunConfig` as a nested dict), `metrics` (the last logged values). Checkpoints of
-earlier versions (`model_config` and `train_config` instead of `config`) load for evaluation only.
+A checkpoint is a dict of tensors and plain values only: `model`, `optimizer`, `world_size`, `config`
+(the whole `RunConfig` as a nested dict) and the fields of `TrainState` (`TrainState.state_dict`: the
+run's position, RNG states and last metrics). `checkpoint_state` builds it, `load_checkpoint` checks it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from crossmae_fast.config import ModelConfig, RunConfig
+from crossmae_fast.config import DataConfig, ModelConfig, RunConfig
+from crossmae_fast.files import atomic_write
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.model.weights import encoder_state_dict
 
@@ -31,8 +32,8 @@ EVERY = frozenset({"*"})
 RESUME_FREE: dict[str, frozenset[str]] = {
     "model": frozenset({"ops"}),
     "data": frozenset({"loader", "workers", "video"}),
-    "train": frozenset({"out", "resume", "init", "save_every", "keep", "log_every", "time_limit", "device",
-                        "cuda_graph", "compile", "threads", "export_encoders"}),
+    "train": frozenset({"out", "resume", "init", "save_every", "keep", "log_every", "tensorboard", "time_limit",
+                        "device", "cuda_graph", "compile", "threads", "export_encoders"}),
     "eval": EVERY,
 }
 """Fields, by config section, a resumed run may change: how the run executes, where it writes and
@@ -43,30 +44,44 @@ RESUME_LENGTH: dict[str, frozenset[str]] = {"train": frozenset({"epochs", "steps
 """Fields a resumed run may change with a warning: the cosine schedule is recomputed for the new length."""
 
 
+@dataclass
+class TrainState:
+    """Where a run stands, as a checkpoint stores it. `batch` counts the batches of `epoch` already used;
+    `rng` holds every rank's generator states (components/rng.py); `metrics` is the last record written
+    (its `time_s` carries the training time across resumes)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    rng: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, state[f.name])
+
+    def carry_epochs(self, per_epoch: int) -> None:
+        """Carry whole epochs from `batch` into `epoch`."""
+        self.epoch += self.batch // per_epoch
+        self.batch %= per_epoch
+
+
+REQUIRED = ("model", "optimizer", "world_size", "config", *(f.name for f in dataclasses.fields(TrainState)))
+"""The keys of a checkpoint (`checkpoint_state`)."""
+
+
+def checkpoint_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: RunConfig, world_size: int,
+                     state: TrainState) -> dict:
+    """The dict a checkpoint file holds."""
+    return {"model": model.state_dict(), "optimizer": optimizer_state(optimizer), "world_size": world_size,
+            "config": cfg.to_dict(), **state.state_dict()}
+
+
 def checkpoint_name(step: int) -> str:
     return f"checkpoint-{step:08d}.pt"
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call `write(file)` on a temporary file in `path`'s folder, fsync it, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict:
@@ -106,7 +121,7 @@ def save_checkpoint(folder: str | Path, state: dict, keep: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(state["step"])
     atomic_write(path, lambda f: torch.save(state, f))
-    atomic_write(folder / LATEST, lambda f: f.write(path.name.encode() + b"\n"))
+    atomic_write(folder / LATEST, path.name + "\n")
     for old in list_checkpoints(folder)[:-keep]:
         if old != path:
             old.unlink(missing_ok=True)
@@ -122,20 +137,10 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    keys = set(state if isinstance(state, dict) else ())
-    missing = {"model", "optimizer", "step", "epoch", "batch", "rng"} - keys
-    if not keys & {"config", "model_config"}:
-        missing.add("config")
+    missing = sorted(set(REQUIRED) - set(state if isinstance(state, dict) else ()))
     if missing:
-        raise ValueError(f"{path}: not a crossmae_fast training checkpoint (missing {', '.join(sorted(missing))})")
+        raise ValueError(f"{path}: not a crossmae_fast training checkpoint (missing {', '.join(missing)})")
     return state
-
-
-def saved_config(state: Mapping) -> RunConfig:
-    """The `RunConfig` a checkpoint was written with (ValueError for an earlier version's)."""
-    if "config" not in state:
-        raise ValueError("written by an earlier version (no 'config'): it can be evaluated, not resumed")
-    return RunConfig.from_dict(state["config"])
 
 
 def resume_differences(saved: RunConfig, current: RunConfig) -> tuple[list[str], list[str]]:
@@ -158,11 +163,11 @@ def check_resume(state: Mapping, cfg: RunConfig, world_size: int, path) -> list[
     """Raise ValueError naming each field where the checkpoint's run differs from `cfg` in a way a
     resume may not; return the run-length changes (the caller warns about them)."""
     try:
-        fixed, length = resume_differences(saved_config(state), cfg)
+        fixed, length = resume_differences(RunConfig.from_dict(state["config"]), cfg)
     except (ValueError, TypeError) as e:
         raise ValueError(f"checkpoint {path}: {e}") from None
-    if state.get("world_size", 1) != world_size:
-        fixed.append(f"world_size: {state.get('world_size', 1)} -> {world_size}")
+    if state["world_size"] != world_size:
+        fixed.append(f"world_size: {state['world_size']} -> {world_size}")
     if fixed:
         raise ValueError(f"checkpoint {path} comes from a different configuration; resuming it would not "
                          "continue that run. Differing fields:\n  " + "\n  ".join(fixed))
@@ -194,15 +199,39 @@ def resolve_resume(out: str | Path, resume: str | None) -> tuple[Path | None, st
     return target, None
 
 
-def model_from_checkpoint(path: str | Path, device="cpu", ops: str | None = None) -> CrossMAE:
-    """The `CrossMAE` a checkpoint describes, with its weights, in eval mode (for evaluation)."""
-    state = load_checkpoint(path)
-    cfg = dict(state["config"]["model"] if "config" in state else state["model_config"])
+def checkpoint_path(checkpoint: str | Path) -> Path:
+    """A checkpoint file as given, or a run folder's latest (FileNotFoundError when it holds none)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"{path}: no checkpoint-*.pt in this folder")
+        return found
+    return path
+
+
+def model_from_checkpoint(checkpoint: str | Path, device="cpu", ops: str | None = None) -> CrossMAE:
+    """The `CrossMAE` of a checkpoint (a file, or a run folder: its latest) with its weights, in eval mode.
+    A path that holds no such checkpoint raises FileNotFoundError or a one-line ValueError naming it."""
+    path = checkpoint_path(checkpoint)
+    try:
+        state = load_checkpoint(path)
+    except ValueError as e:
+        if e.__cause__ is None:  # a checkpoint-shaped file that lacks fields: the message names them
+            raise
+        raise ValueError(f"{path}: not a checkpoint written by crossmae_fast.pretrain "
+                         f"(torch.load: {type(e.__cause__).__name__})") from e
+    cfg = dict(state["config"]["model"])
     if ops is not None:
         cfg["ops"] = ops
     model = CrossMAE(ModelConfig(**cfg))
     model.load_state_dict(state["model"])
     return model.to(device).eval()
+
+
+def checkpoint_data_config(checkpoint: str | Path) -> DataConfig:
+    """The data config a run trained with (its fbank normalisation included), as its checkpoint records it."""
+    return RunConfig.from_dict(load_checkpoint(checkpoint_path(checkpoint))["config"]).data
 
 
 def export_encoders(model: CrossMAE, folder: str | Path) -> list[Path]:

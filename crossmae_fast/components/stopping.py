@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from crossmae_fast.train import distributed
+from crossmae_fast.components import distributed
 
 
 class Stopper:
