@@ -232,3 +232,36 @@ def test_maps_on_gpu_match_cpu(synth_video, model):
     for c, g in zip(cpu, gpu):
         assert torch.nn.functional.cosine_similarity(c.maps.flatten(), g.maps.flatten(), dim=0) > 0.99
         assert torch.nn.functional.cosine_similarity(c.audio, g.audio, dim=0) > 0.99
+
+
+def test_evaluate_saves_the_probe_localize_uses(run, synth_video, tmp_path, capsys):
+    """`evaluate --probe-data ... --save-probe FILE` keeps every probe seed's heads; `localize --probe FILE`
+    maps with their mean; `--save-probe` without `--probe-data` is refused."""
+    from crossmae_fast import evaluate
+
+    manifest, _, muxed = synth_video
+    probe = tmp_path / "heads" / "probe.pt"
+    common = ["--checkpoint", str(run), "--data", str(manifest), "--loader", "torch", "--workers", "0",
+              "--device", "cpu", "--pictures", "0", "--out", str(tmp_path / "eval")]
+    assert evaluate.main([*common, "--probe-data", str(manifest), "--probe-steps", "3", "--probe-seeds", "0", "1",
+                          "2", "--save-probe", str(probe)]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    per_seed = [s["selection_accuracy"] for s in metrics["probe"]["seeds"].values()]
+    assert metrics["probe"]["std"]["selection_accuracy"] == pytest.approx(np.std(per_seed, ddof=1))
+    heads, meta = load_probes(probe)
+    assert len(heads) == 3 and meta["source"]["checkpoint"] == str(run) and meta["config"]["steps"] == 3
+    capsys.readouterr()
+    rc, err, _ = run_cli(capsys, str(muxed[0]), "--checkpoint", str(run), "--probe", str(probe), "--out",
+                         str(tmp_path / "loc"), "--embed")
+    assert rc == 0 and not err
+    summary = json.loads((tmp_path / "loc" / muxed[0].stem / "localization.json").read_text())
+    assert summary["map"] == "probe (3 heads)"
+    model = model_from_checkpoint(run)
+    clip = read_clip(muxed[0], checkpoint_data_config(run))
+    want = clip_maps(model, [clip], heads)[0].maps
+    got = clip_maps(model, [clip])[0].maps
+    assert not torch.allclose(want, got)  # the probe's map is not the zero-shot one
+    assert [f["peak_xy"] for f in summary["frames"]] == [peak(m, clip.display_size) for m in want]
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main([*common, "--save-probe", str(probe)])
+    assert stop.value.code == 2 and "--save-probe needs --probe-data" in capsys.readouterr().err

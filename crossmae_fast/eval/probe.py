@@ -116,7 +116,6 @@ def save_probes(path: str | Path, heads: dict[int, ProbeHeads], cfg: ProbeConfig
     """Write trained heads (one per probe seed) with their settings and `source` (what they were
     trained on: checkpoint, manifest, encoder width) to `path`; loadable with `weights_only=True`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     first = next(iter(heads.values()))
     state = {"format": PROBE_FORMAT, "config": {k: list(v) if isinstance(v, tuple) else v
                                                 for k, v in dataclasses.asdict(cfg).items()},
