@@ -12,6 +12,7 @@ probe's map.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -69,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
             axes[i, 0].text(-0.08, 0.5, label, transform=axes[i, 0].transAxes, rotation=90, va="center",
                             ha="right", fontsize=9)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(a.out, format="png", dpi=72)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=72)
+        Image.open(buf).convert("RGB").quantize(256).save(a.out, format="PNG", optimize=True)  # small file
     print(f"wrote {a.out}")
     return 0
 
