@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from crossmae_fast.config import LOADERS, run_config
+from crossmae_fast.config import LOADERS, EvalConfig, run_config
 from crossmae_fast.files import atomic_write
 
 
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds (default 0 1)")
     ap.add_argument("--batch-size", type=int, default=defaults.train.batch_size, help="samples per training step")
     ap.add_argument("--random-inits", type=int, default=3, help="randomly initialised control models (default 3)")
-    ap.add_argument("--probe-seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4],
+    ap.add_argument("--probe-seeds", type=int, nargs="+", default=list(EvalConfig().probe_seeds),
                     help="probe seeds: localization is reported as their mean, standard deviation and each (default "
                     "0 1 2 3 4)")
     ap.add_argument("--probe-steps", type=int, default=300, help="probe training steps (default 300)")
@@ -89,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     import torch
 
-    from crossmae_fast.config import EvalConfig
     from crossmae_fast.data.synthetic import cached_synthetic_set
     from crossmae_fast.eval.report import THRESHOLDS, evaluate_models, learning_check_markdown, learning_check_targets
 
