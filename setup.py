@@ -21,6 +21,7 @@ setup(
         "av",
         "soundfile",
         "tqdm",
+        "webdataset",
         "matplotlib",
         "pyyaml",
         "nvidia-dali-cuda130; platform_system == 'Linux' and platform_machine == 'x86_64'",
@@ -36,6 +37,7 @@ setup(
             "crossmae-evaluate=crossmae_fast.evaluate:main",
             "crossmae-prepare=crossmae_fast.prepare:main",
             "crossmae-synth=crossmae_fast.synth:main",
+            "crossmae-shard=crossmae_fast.shard:main",
             "crossmae-localize=crossmae_fast.localize:main",
         ]
     },

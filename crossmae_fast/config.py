@@ -262,7 +262,8 @@ def data_config(model: ModelConfig | None = None, **overrides) -> DataConfig:
 class TrainConfig:
     """The optimisation and the run: length, learning rate, where it writes, how it runs."""
 
-    data: str | None = opt(None, "train manifest (CAV-MAE JSON); default: a cached synthetic set")
+    data: str | None = opt(None, "train manifest (CAV-MAE JSON, or a shard folder's shards.json); default: a "
+                           "cached synthetic set")
     batch_size: int = opt(32, "samples per process and step")
     epochs: float = opt(24.0, "training length in epochs of the train manifest")
     steps: int | None = opt(None, "training length in optimisation steps; overrides --epochs")
@@ -320,8 +321,8 @@ class TrainConfig:
 class SummaryConfig:
     """The evaluation that ends a pre-training run (`evaluate()` with an `EvalConfig` built from the run)."""
 
-    eval_data: str | None = opt(None, "evaluation manifest for the final summary; default: the synthetic set's "
-                                "eval.json (none with --data unless given)")
+    eval_data: str | None = opt(None, "evaluation manifest (or shards.json) for the final summary; default: the "
+                                "synthetic set's eval.json (none with --data unless given)")
     eval_pictures: int = opt(2, "pictures drawn by the final evaluation (each takes seconds on a CPU)")
 
     def __post_init__(self) -> None:
@@ -338,7 +339,8 @@ class EvalConfig:
     `python -m crossmae_fast.evaluate` takes besides the data settings (its options are these fields)."""
 
     checkpoint: str | None = opt(None, "checkpoint file, or a run folder (its latest checkpoint)")
-    data: str | None = opt(None, "CAV-MAE manifest to evaluate; its rows with 'bbox' score localization")
+    data: str | None = opt(None, "CAV-MAE manifest (or shards.json) to evaluate; its rows with 'bbox' score "
+                           "localization")
     out: str | None = opt(None, "output folder for metrics.json and pictures (default: eval/ in the checkpoint's "
                           "run folder)")
     pictures: int = opt(4, "clips to draw pictures for (those with boxes first)")

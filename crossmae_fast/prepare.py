@@ -1,7 +1,10 @@
 """`python -m crossmae_fast.prepare`: real videos to audio files, JPEG frames and a manifest.
 
     python -m crossmae_fast.prepare SRC --out DIR [--frames 10] [--processes N] [--format wav|flac]
-        [--image-size 224] [--sample-rate 16000]
+        [--image-size 224] [--sample-rate 16000] [--shards [CLIPS_PER_SHARD]]
+
+With `--shards`, the clips are then also written as webdataset shards, `DIR/shards/shards.json`
+(`crossmae_fast.shard`).
 
 What it writes, and how failures are recorded, is described in `crossmae_fast.data.extract`.
 """
@@ -14,6 +17,7 @@ import sys
 
 from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
 from crossmae_fast.data.extract import prepare
+from crossmae_fast.data.shard_writer import write_shards
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--image-size", type=int, default=224, help="frame size after resize and crop")
     ap.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help=f"audio sample rate (default {SAMPLE_RATE})")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--shards", type=int, nargs="?", const=1000, metavar="CLIPS_PER_SHARD",
+                    help="also write the clips as tar shards under DIR/shards/ (default 1000 clips per shard)")
     return ap
 
 
@@ -41,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
     print(summary)
+    if a.shards is not None and summary.done + summary.already:
+        try:
+            print(write_shards(summary.manifest, os.path.join(a.out, "shards"), clips_per_shard=a.shards,
+                               processes=a.processes, name="clips", frames=a.frames,
+                               progress=not a.quiet))
+        except ValueError as e:
+            print(f"prepare: error: {e}", file=sys.stderr)
+            return 2
     return 0 if summary.done + summary.already else 1
 
 

@@ -11,7 +11,7 @@ import importlib.abc
 import os
 import sys
 
-BLOCKED = tuple(filter(None, os.environ.get("CROSSMAE_BLOCK_IMPORTS", "av,soundfile,nvidia.dali,xformers")
+BLOCKED = tuple(filter(None, os.environ.get("CROSSMAE_BLOCK_IMPORTS", "av,soundfile,nvidia.dali,xformers,webdataset")
                        .split(",")))
 
 

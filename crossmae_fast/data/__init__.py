@@ -28,7 +28,8 @@ def make_loader(
     manifest: str | Path, *, backend: str | None = None, batch_size: int, train: bool, data_config: DataConfig,
     device="cpu", rank: int = 0, world_size: int = 1, seed: int = 0, drop_last: bool | None = None,
 ) -> ClipLoader:
-    """Loader over `manifest` for this rank: iterable of batches, with `len()`, `set_epoch()`, `stats`.
+    """Loader over `manifest` (a CAV-MAE manifest, or a shard folder's `shards.json`, `data/shards.py`)
+    for this rank: iterable of batches, with `len()`, `set_epoch()`, `stats`.
 
     Training shuffles per epoch (`set_epoch`) and draws a random frame of `num_frames`; evaluation
     keeps the manifest order and uses frame `eval_frame`. `drop_last` defaults to `train`.

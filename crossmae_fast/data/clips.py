@@ -21,6 +21,7 @@ for the loader's lifetime and replaced by the next good row of the manifest (wra
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from dataclasses import dataclass, field
@@ -30,8 +31,9 @@ import numpy as np
 
 from crossmae_fast.config import DataConfig
 from crossmae_fast.data import normalisation
-from crossmae_fast.data.manifest import frame_path, read_manifest
+from crossmae_fast.data.manifest import frame_path
 from crossmae_fast.data.media import VideoIndex, index_video
+from crossmae_fast.data.shards import open_rows
 
 log = logging.getLogger("crossmae_fast.data")
 
@@ -50,11 +52,12 @@ class LoaderStats:
 
 
 class ClipSet:
-    """The rows of a manifest with absolute file paths (relative ones resolve against its folder)."""
+    """The rows of a manifest with absolute file paths (relative ones resolve against its folder), or of
+    a shard manifest (`shards.json`), whose members `store` reads by offset (`data/shards.py`)."""
 
     def __init__(self, manifest: str | Path, cfg: DataConfig):
         self.manifest, self.cfg = Path(manifest), cfg
-        self.rows = read_manifest(self.manifest)  # validated, paths made absolute
+        self.rows, self.store = open_rows(self.manifest, cfg.num_frames)  # validated, paths made absolute
         self.audio = [r["wav"] for r in self.rows]
 
     def __len__(self) -> int:
@@ -62,6 +65,16 @@ class ClipSet:
 
     def frame_path(self, row: int, frame: int) -> str:
         return frame_path(self.rows[row], frame)
+
+    def audio_file(self, row: int) -> str | io.BytesIO:
+        """The row's audio: its path, or its shard member's bytes (`OSError` when truncated)."""
+        return self.audio[row] if self.store is None else io.BytesIO(self.store.audio_bytes(row))
+
+    def frame_file(self, row: int, frame: int) -> str | io.BytesIO:
+        """Frame `frame` of the row: its JPEG's path, or its shard member's bytes."""
+        if self.store is None:
+            return self.frame_path(row, frame)
+        return io.BytesIO(self.store.frame_bytes(row, frame))
 
     def video(self, row: int) -> str | None:
         return self.rows[row].get("video")

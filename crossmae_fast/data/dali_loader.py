@@ -32,6 +32,7 @@ failed batch, so the epoch goes on with replacements and no exception.
 
 from __future__ import annotations
 
+import io
 import math
 import weakref
 from collections.abc import Iterator
@@ -53,9 +54,13 @@ VIDEO_CODECS = {False: {"vp8", "vp9", "mjpeg"}, True: {"vp8", "vp9", "mjpeg", "h
 NOTHING = np.zeros(0, np.uint8)
 
 
-def read_bytes(path: str, magic: tuple[bytes, ...]) -> np.ndarray:
-    """File contents as uint8; `ValueError` when empty or not one of the expected formats."""
-    data = np.fromfile(path, dtype=np.uint8)
+def read_bytes(path: str | io.BytesIO, magic: tuple[bytes, ...]) -> np.ndarray:
+    """Contents of a file (or of a shard member's bytes) as uint8; `ValueError` when empty or not one
+    of the expected formats."""
+    if isinstance(path, io.BytesIO):
+        data, path = np.frombuffer(path.getbuffer(), dtype=np.uint8), "shard member"
+    else:
+        data = np.fromfile(path, dtype=np.uint8)
     if not any(data[: len(m)].tobytes() == m for m in magic):
         raise ValueError(f"{path}: empty or not a supported format (header {data[:4].tobytes()!r})")
     return data
@@ -182,9 +187,9 @@ class DaliLoader(ClipLoader):
     def sample(self, row: int) -> tuple[np.ndarray, ...]:
         """The pipeline's inputs for `row`; `OSError` / `ValueError` for a file that cannot be used."""
         frame = self.clips.frame(row, self.train, self.seed, self.epoch)
-        audio = read_bytes(self.clips.audio[row], AUDIO_MAGIC)
+        audio = read_bytes(self.clips.audio_file(row), AUDIO_MAGIC)
         if not self.video:
-            return audio, read_bytes(self.clips.frame_path(row, frame), IMAGE_MAGIC)
+            return audio, read_bytes(self.clips.frame_file(row, frame), IMAGE_MAGIC)
         path = self.clips.video(row)
         if path:
             data = np.fromfile(path, dtype=np.uint8)
@@ -196,7 +201,7 @@ class DaliLoader(ClipLoader):
                 self._codecs_warned.add(index.codec)
                 log.warning("data: DALI cannot decode %s video on the %s; those rows use their JPEG frames",
                             index.codec, "GPU" if self.gpu else "CPU")
-        return (audio, read_bytes(self.clips.frame_path(row, frame), IMAGE_MAGIC), NOTHING,
+        return (audio, read_bytes(self.clips.frame_file(row, frame), IMAGE_MAGIC), NOTHING,
                 np.zeros(1, np.int32), np.zeros(2, np.float32), np.array(False))
 
     def read(self, row: int) -> tuple[int, tuple[np.ndarray, ...]]:

@@ -70,10 +70,12 @@ def read_manifest(path: str | os.PathLike, resolve: bool = True) -> list[dict]:
     except json.JSONDecodeError as e:
         raise ManifestError(f"{path}: not valid JSON ({e})") from e
     rows = validate(manifest, str(path))
-    if resolve:
-        base = path.resolve().parent
-        rows = [{**r, **{k: str(base / r[k]) for k in PATH_FIELDS if k in r}} for r in rows]
-    return rows
+    return resolve_paths(rows, path.resolve().parent) if resolve else rows
+
+
+def resolve_paths(rows: list[dict], base: Path) -> list[dict]:
+    """`rows` with relative file paths made absolute against `base` (the manifest's folder)."""
+    return [{**r, **{k: str(base / r[k]) for k in PATH_FIELDS if k in r}} for r in rows]
 
 
 def write_manifest(path: str | os.PathLike, rows: list[dict], **extra) -> Path:

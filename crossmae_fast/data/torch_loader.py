@@ -35,13 +35,13 @@ class ClipDataset(Dataset):
 
     def load(self, row: int) -> dict:
         cfg = self.clips.cfg
-        audio = audio_features(read_audio(self.clips.audio[row], cfg.sample_rate), cfg)
+        audio = audio_features(read_audio(self.clips.audio_file(row), cfg.sample_rate), cfg)
         frame = self.clips.frame(row, self.train, self.seed, self.epoch)
         if self.video and self.clips.video(row):
             index, k = self.clips.video_frame(row, frame)
             image = image_features(read_video_frame(self.clips.video(row), k, index), cfg)
         else:
-            with Image.open(self.clips.frame_path(row, frame)) as im:
+            with Image.open(self.clips.frame_file(row, frame)) as im:
                 image = image_features(im, cfg)
         return {"audio": audio, "image": image, "index": row}
 

@@ -43,7 +43,10 @@ log = logging.getLogger(__name__)
 
 
 def frame_size(row: dict, frame: int) -> tuple[int, int] | None:
-    """(width, height) of the evaluation frame's JPEG, read from its header; None if unreadable."""
+    """(width, height) of the evaluation frame's JPEG, read from its header (a shard manifest's row
+    records it); None if unreadable."""
+    if "frame_size" in row:
+        return tuple(row["frame_size"])
     try:
         with Image.open(frame_path(row, frame)) as im:
             return im.size
