@@ -13,6 +13,7 @@ import sys
 
 from crossmae_fast.data.box_annotations import flickr_soundnet_rows, keep_available, read_ids, vggss_rows
 from crossmae_fast.data.manifest import write_manifest
+from crossmae_fast.files import error_line
 
 log = logging.getLogger("crossmae_fast.annotations")
 
@@ -46,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check_files:
         rows = keep_available(rows)
-    log.info("wrote %d clips to %s", len(rows), write_manifest(args.out, rows))
+    try:
+        log.info("wrote %d clips to %s", len(rows), write_manifest(args.out, rows))
+    except OSError as e:  # --out cannot be written
+        print(f"annotations: error: {error_line(e)}", file=sys.stderr)
+        return 2
     return 0
 
 

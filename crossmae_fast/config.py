@@ -284,6 +284,8 @@ class TrainConfig:
                             "needs the tensorboard package)")
     time_limit: float | None = opt(None, "minutes after which the run saves a checkpoint and stops (resume "
                                    "continues it)")
+    max_skip_fraction: float = opt(0.05, "stop the run when more than this share of the clips seen were "
+                                   "unreadable and replaced (checked at each progress line)")
     device: str = opt("auto", "'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
     precision: str = opt("auto", "autocast dtype; auto = bf16 on CUDA, fp32 on the CPU", choices=PRECISIONS)
     cuda_graph: bool = opt(True, "capture the train step in one CUDA graph (CUDA only)")
@@ -309,6 +311,8 @@ class TrainConfig:
                 raise ValueError(f"--{_flag(name)}={getattr(self, name)} must be positive")
         if not 0 <= self.weight_decay < 1:
             raise ValueError(f"--weight-decay={self.weight_decay} must lie in [0, 1)")
+        if not 0 <= self.max_skip_fraction <= 1:
+            raise ValueError(f"--max-skip-fraction={self.max_skip_fraction} must lie in [0, 1]")
         if not re.fullmatch(r"\d+|\d+(\.\d*)?(ep|%)", str(self.warmup)):
             raise ValueError(f"--warmup={self.warmup!r}: expected steps ('500'), epochs ('2ep') or a share ('5%')")
         check_device(self.device)

@@ -10,6 +10,9 @@ are the run's, as its checkpoint records them; the data options given here overr
 `--probe-data` adds the localization probe (crossmae_fast/eval/probe.py), trained on that manifest,
 one per `--probe-seeds`. The options are generated from `EvalConfig` (crossmae_fast/config.py); the
 evaluation itself is `crossmae_fast.eval.evaluator`.
+
+Exit status: 0 done, 2 bad input (checkpoint, manifest, options, an `--out` another process is writing
+or that cannot be written).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from crossmae_fast import options
 from crossmae_fast.config import EvalConfig, EvaluateConfig
+from crossmae_fast.files import error_line
 
 DATA_OPTIONS = ("loader", "workers", "video", "audio_mean", "audio_std")
 """The data settings an evaluation may change; the others are the run's (they shape the model's input)."""
@@ -68,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from crossmae_fast.components.checkpoint import checkpoint_data_config, model_from_checkpoint
     from crossmae_fast.components.distributed import pick_device
+    from crossmae_fast.components.run_lock import RunFolderBusy
     from crossmae_fast.data.manifest import read_manifest
     from crossmae_fast.eval.evaluator import evaluate
     from crossmae_fast.eval.report import format_tables
@@ -75,14 +80,21 @@ def main(argv: list[str] | None = None) -> int:
     try:  # bad inputs: one line naming the file, not a traceback
         model = model_from_checkpoint(cfg.checkpoint, device=pick_device(0, cfg.device))
         for manifest in (cfg.data, cfg.probe_data):
-            if manifest:
-                read_manifest(manifest)
+            if manifest and not read_manifest(manifest):
+                raise ValueError(f"{manifest}: the manifest has no rows")
         data = dataclasses.replace(checkpoint_data_config(cfg.checkpoint), **data_overrides)
     except (ValueError, OSError) as e:
         print(f"evaluate: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     cfg = dataclasses.replace(cfg, out=cfg.out or str(default_out(cfg.checkpoint)))
-    result = evaluate(model, cfg.data, cfg, data)
+    try:
+        result = evaluate(model, cfg.data, cfg, data)
+    except RunFolderBusy as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out cannot be written
+        print(f"evaluate: error: {error_line(e)}", file=sys.stderr)
+        return 2
     print(format_tables(result))
     print(f"\nwrote {Path(cfg.out) / 'metrics.json'} and {len(result.get('pictures', []))} pictures")
     return 0

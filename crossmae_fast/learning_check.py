@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from crossmae_fast.config import LOADERS, EvalConfig, run_config
-from crossmae_fast.files import atomic_write
+from crossmae_fast.files import atomic_write, error_line
 
 
 def run_logged(cmd: list[str], log: Path) -> float:
@@ -87,6 +87,15 @@ def train_all(a, train_manifest: Path, out: Path) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    try:
+        return run(a, argv)
+    except OSError as e:  # an output that cannot be written (permissions, read-only, a full disk)
+        print(f"learning_check: error: {error_line(e)}", file=sys.stderr)
+        return 2
+
+
+def run(a: argparse.Namespace, argv: list[str] | None) -> int:
+    """The learning check of the parsed options `a` (`argv`: as given, for the report's command line)."""
     import torch
 
     from crossmae_fast.data.synthetic import cached_synthetic_set

@@ -18,6 +18,7 @@ import sys
 from crossmae_fast.config import NUM_FRAMES, SAMPLE_RATE
 from crossmae_fast.data.extract import prepare
 from crossmae_fast.data.shard_writer import write_shards
+from crossmae_fast.files import error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out cannot be written (permissions, read-only, a full disk)
+        print(f"prepare: error: {error_line(e)}", file=sys.stderr)
+        return 2
     print(summary)
     if a.shards is not None and summary.done + summary.already:
         try:
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                                progress=not a.quiet))
         except ValueError as e:
             print(f"prepare: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # DIR/shards cannot be written
+            print(f"prepare: error: {error_line(e)}", file=sys.stderr)
             return 2
     return 0 if summary.done + summary.already else 1
 

@@ -8,6 +8,11 @@ retrieval / localization summary on the set's eval split. `--resume auto` contin
 
 Every field of the run's config (`crossmae_fast.config.RunConfig`: model, data, train, eval) is an
 option; `--config FILE` reads the same names from YAML or JSON, flat or nested by section.
+
+Exit status: 0 finished (or already complete), 1 a loss became NaN/Inf, 2 bad input (options, data, a
+checkpoint, a run folder another process holds, an output that cannot be written), 3 stopped early by
+`--time-limit` (or another DDP rank's stop), 128+n stopped by signal n (SIGINT 130, SIGTERM 143) once
+its checkpoint is written; after a stop the last line is the command that continues the run.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -22,6 +29,7 @@ from crossmae_fast import options
 from crossmae_fast.components import distributed
 from crossmae_fast.components.metrics_log import NonFiniteLoss
 from crossmae_fast.config import EvalConfig, RunConfig, run_config
+from crossmae_fast.files import error_line
 from crossmae_fast.train.trainer import Trainer, Validator
 
 log = logging.getLogger("crossmae_fast.pretrain")
@@ -76,7 +84,37 @@ def make_validator(cfg: RunConfig) -> Validator:
     return validate
 
 
+STOPPED_EARLY = 3
+"""Exit status of a run stopped by its time limit (or by another rank): resume it."""
+
+
+def exit_status(stopped: str | None) -> int:
+    """0 for a finished run, 128 + n for a stop by signal n (the shells' convention), else 3."""
+    if stopped is None:
+        return 0
+    try:
+        return 128 + signal.Signals[stopped].value
+    except KeyError:
+        return STOPPED_EARLY
+
+
+def continue_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same options with `--resume auto`."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    head = ["torchrun", "...", "-m"] if world > 1 else ["python", "-m"]
+    return shlex.join([*head, "crossmae_fast.pretrain", *args, "--resume", "auto"])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
@@ -86,13 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as e:
         log.error("%s", e)
         return 1
-    except (ValueError, FileNotFoundError) as e:  # bad configuration, data or checkpoint
+    except (ValueError, FileNotFoundError) as e:  # bad configuration, data, checkpoint, a busy run folder
         log.error("pretrain: error: %s", e)
+        log.debug("traceback", exc_info=True)
+        return 2
+    except OSError as e:  # an output that cannot be written (permissions, read-only, a full disk)
+        log.error("pretrain: error: %s", error_line(e))
         log.debug("traceback", exc_info=True)
         return 2
     finally:
         distributed.cleanup()
-    return 0 if summary else 1
+    if not summary:
+        return 1
+    status = exit_status(summary["stopped"])
+    if status:
+        log.info("stopped (%s) at step %d, checkpoint %s; continue with: %s", summary["stopped"], summary["steps"],
+                 summary["checkpoint"], continue_command(argv))
+    return status
 
 
 if __name__ == "__main__":

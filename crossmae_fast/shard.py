@@ -16,6 +16,7 @@ import sys
 
 from crossmae_fast.data.manifest import ManifestError
 from crossmae_fast.data.shard_writer import LABEL_CSV, verify_shards, write_shards
+from crossmae_fast.files import error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                                seed=a.seed, name=a.name, labels=a.labels, progress=not a.quiet)
     except (FileNotFoundError, ManifestError, ValueError) as e:
         print(f"shard: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out cannot be written (permissions, read-only, a full disk)
+        print(f"shard: error: {error_line(e)}", file=sys.stderr)
         return 2
     print(summary)
     return 0 if summary.clips else 1

@@ -20,6 +20,7 @@ from pathlib import Path
 from crossmae_fast.config import SYNTH_SECONDS
 from crossmae_fast.data.shard_writer import write_shards
 from crossmae_fast.data.synthetic import make_synthetic_set
+from crossmae_fast.files import error_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                                processes=a.threads, name=split, progress=False))
     except ValueError as e:
         print(f"synth: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # --out cannot be written (permissions, read-only, a full disk)
+        print(f"synth: error: {error_line(e)}", file=sys.stderr)
         return 2
     print(f"synth: {a.clips} clips ({counts['train']} train, {counts['eval']} eval) in "
           f"{time.perf_counter() - t0:.1f} s\nmanifests: {paths['train']}, {paths['eval']}")

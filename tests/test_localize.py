@@ -265,3 +265,11 @@ def test_evaluate_saves_the_probe_localize_uses(run, synth_video, tmp_path, caps
     with pytest.raises(SystemExit) as stop:
         evaluate.main([*common, "--save-probe", str(probe)])
     assert stop.value.code == 2 and "--save-probe needs --probe-data" in capsys.readouterr().err
+
+
+def test_unwritable_out_is_one_line_per_video(run, tmp_path, capsys):
+    video = make_video(tmp_path / "v.mp4", seconds=1.0)
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the output folder should be\n")
+    rc, err, _ = run_cli(capsys, str(video), "--checkpoint", str(run), "--out", str(blocked))
+    assert rc == 2 and len(err) == 1 and str(video) in err[0] and str(blocked) in err[0], err

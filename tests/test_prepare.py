@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ SIZE = 32
 BAD = {"silent": "no_audio", "truncated": "unreadable", "truncated_faststart": "truncated",
        "notes": "unreadable", "empty": "empty"}
 # video id -> (seconds, fps, tone Hz) of the good files
-GOOD = {"good_h264": (2.0, 10, 440.0), "good_vp9": (1.5, 12, 1000.0)}
+GOOD = {"good_h264": (2.0, 10, 440.0), "sub__good_vp9": (1.5, 12, 1000.0)}
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_settings_change_redoes_clips(prepared, mixed, tmp_path):
     prepare(mixed, tmp_path, processes=1, image_size=SIZE, progress=False)
     s = prepare(mixed, tmp_path, processes=1, image_size=SIZE + 8, progress=False)
     assert (s.done, s.already) == (2, 0)
-    with Image.open(tmp_path / "frames" / "frame_0" / "good_vp9.jpg") as im:
+    with Image.open(tmp_path / "frames" / "frame_0" / "sub__good_vp9.jpg") as im:
         assert im.size == (SIZE + 8, SIZE + 8)
 
 
@@ -145,6 +146,24 @@ def test_duplicate_stems_get_distinct_ids(tmp_path):
     assert s.done == 2
     ids = [r["video_id"] for r in read_manifest(tmp_path / "out" / "manifest.json")]
     assert ids == ["a__clip", "b__clip"]
+
+
+def test_ids_stable_as_the_folder_grows(tmp_path):
+    """A same-named file added in another folder renames nothing: the first clip is not prepared again
+    and leaves no orphaned audio, frames or done-marker."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    make_video(src / "a" / "b" / "c" / "real.mp4", seconds=0.5)
+    assert prepare(src, out, processes=1, frames=2, image_size=SIZE, progress=False).done == 1
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    make_video(src / "e" / "real.mp4", seconds=0.5)
+    s = prepare(src, out, processes=1, frames=2, image_size=SIZE, progress=False)
+    assert (s.done, s.already) == (1, 1)
+    assert [r["video_id"] for r in read_manifest(out / "manifest.json")] == ["a__b__c__real", "e__real"]
+    after = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    redone = {p for p in before if after.get(p) != before[p]} - {Path("manifest.json"), Path("failures.jsonl")}
+    assert not redone
+    ids = {p.stem for p in out.rglob("*") if p.is_file() and p.suffix in (".wav", ".jpg", ".json")} - {"manifest"}
+    assert ids == {"a__b__c__real", "e__real"}
 
 
 # ----------------------------------------------------------------- media helpers

@@ -82,7 +82,7 @@ def test_resolve_resume(tmp_path):
     assert "no such checkpoint" in ckpt.resolve_resume(tmp_path, str(tmp_path / "x.pt"))[1]
     assert "no checkpoint in that folder" in ckpt.resolve_resume(tmp_path, str(tmp_path))[1]
     for step in (3, 7):
-        ckpt.save_checkpoint(tmp_path, {"step": step}, keep=5)
+        ckpt.save_checkpoint(tmp_path, {**dict.fromkeys(ckpt.REQUIRED, 0), "step": step}, keep=5)
     assert ckpt.resolve_resume(tmp_path, "auto") == (tmp_path / ckpt.checkpoint_name(7), None)
     assert ckpt.resolve_resume(tmp_path, str(tmp_path / ckpt.checkpoint_name(3)))[0].name.endswith("03.pt")
     assert "already holds a run" in ckpt.resolve_resume(tmp_path, None)[1]

@@ -33,7 +33,7 @@ RESUME_FREE: dict[str, frozenset[str]] = {
     "model": frozenset({"ops"}),
     "data": frozenset({"loader", "workers", "video"}),
     "train": frozenset({"out", "resume", "init", "save_every", "keep", "log_every", "tensorboard", "time_limit",
-                        "device", "cuda_graph", "compile", "threads", "export_encoders"}),
+                        "max_skip_fraction", "device", "cuda_graph", "compile", "threads", "export_encoders"}),
     "eval": EVERY,
 }
 """Fields, by config section, a resumed run may change: how the run executes, where it writes and
@@ -191,12 +191,31 @@ def resolve_resume(out: str | Path, resume: str | None) -> tuple[Path | None, st
             return None, f"--resume {target}: no checkpoint in that folder"
         if found is None:
             log.info("resume auto: no checkpoint in %s, starting fresh", out)
-        return found, None
+            return None, None
+        return newest_loadable(target)
     if resume == "auto":
         return None, None
     if not target.is_file():
         return None, f"--resume {target}: no such checkpoint"
     return target, None
+
+
+def newest_loadable(folder: Path) -> tuple[Path | None, str | None]:
+    """(the newest checkpoint of `folder` that loads, None) — the `latest` pointer's first, then by step,
+    newest first; each newer one that does not load is reported and left on disk. (None, error) when
+    none loads."""
+    first = latest_checkpoint(folder)
+    candidates = [first] + [p for p in reversed(list_checkpoints(folder)) if p != first]
+    for path in candidates:
+        try:
+            load_checkpoint(path)
+        except (ValueError, OSError) as e:
+            log.warning("resume: skipping %s, it does not load (%s); the file is left on disk",
+                        path, str(e).splitlines()[0])
+            continue
+        return path, None
+    return None, (f"--resume: no checkpoint in {folder} loads ({len(candidates)} tried, all left on disk); "
+                  "resume from a copy of the run or choose another --out")
 
 
 def checkpoint_path(checkpoint: str | Path) -> Path:

@@ -91,6 +91,15 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return not all_true(not flag, device)
 
 
+def all_sum(values: list[int], device: torch.device) -> list[int]:
+    """`values` summed over the ranks (one small all-reduce and host read; call it at log steps only)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

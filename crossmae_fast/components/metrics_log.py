@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from crossmae_fast.components.checkpoint import latest_checkpoint
-from crossmae_fast.files import atomic_write
+from crossmae_fast.files import atomic_write, writing
 
 log = logging.getLogger("crossmae_fast.train")
 
@@ -103,8 +103,10 @@ class MetricsLog:
             if tensorboard:
                 self.tensorboard = tensorboard_writer(self.out / "tensorboard")
 
-    def flush(self, losses: LossSums, step: int, lr: float) -> dict | None:
-        """Read the losses accumulated since the last flush; the record written, or None if no step ran."""
+    def flush(self, losses: LossSums, step: int, lr: float, counts: Mapping[str, int] | None = None) -> dict | None:
+        """Read the losses accumulated since the last flush; the record written, or None if no step ran.
+        `counts` (e.g. `{"skipped": 2}`: clips replaced since the last record) go into the record, and
+        into the progress line when not zero."""
         if losses.count == 0:
             return None
         values = losses.read()
@@ -120,10 +122,11 @@ class MetricsLog:
         record = {"step": step, "epoch": round(step / self.per_epoch, 3), "lr": lr,
                   **{k: round(v, 6) for k, v in values.items()},
                   "samples_per_s": round(rate * self.global_batch, 2), "steps_per_s": round(rate, 4),
-                  "time_s": round(now - self.started + self.seconds_before, 2)}
+                  "time_s": round(now - self.started + self.seconds_before, 2), **(counts or {})}
         if self.is_main:
             self.append(record)
             terms = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+            terms += "".join(f" | {k} {v}" for k, v in (counts or {}).items() if v)
             log.info("step %d/%d ep %.2f | %s | lr %.3g | %.1f samples/s %.2f steps/s | ETA %s", step,
                      self.total, step / self.per_epoch, terms, lr, record["samples_per_s"], rate,
                      format_eta((self.total - step) / rate))
@@ -136,7 +139,7 @@ class MetricsLog:
 
     def append(self, record: dict) -> None:
         """Append `record` (it has a `step`) to metrics.jsonl, and its numbers to TensorBoard when asked."""
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record, default=str) + "\n")
         if self.tensorboard is not None:
             for name, value in scalars(record).items():

@@ -99,6 +99,18 @@ class ClipSet:
         raise ValueError(f"{self.manifest}: no readable clip left; reasons: {bad}")
 
 
+def first_seen(index: list[int], done) -> list[int]:
+    """Positions in `index` of the rows not in `done` and not earlier in `index`: a bad clip is replaced
+    by the next good one, which may already be in the same batch or an earlier one, and each row must
+    count once (retrieval pairs unique, localization scores not doubled)."""
+    here, keep = set(), []
+    for i, r in enumerate(index):
+        if r not in done and r not in here:
+            here.add(r)
+            keep.append(i)
+    return keep
+
+
 def epoch_batches(
     n: int, *, batch_size: int, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int,
     drop_last: bool,

@@ -12,6 +12,11 @@ CSV. Per clip this writes, under DIR:
 - `done/{video_id}.json`: the clip's manifest row and settings, written last: a re-run skips clips
   whose marker matches the settings and whose outputs exist, and redoes the rest.
 
+A clip's `video_id` is its path relative to SRC (a CSV's folder), folders joined by `__`, without the
+suffix (`a/b/real.mp4` -> `a__b__real`; a file at the top keeps its stem), or a CSV's `video_id`
+column (a CSV's file outside its folder: the stem). It depends on that path alone, so adding files
+never renames a prepared clip.
+
 At the end `manifest.json` (`{"data": [...]}`, paths relative to DIR, `"video"` = the absolute
 source path) and `failures.jsonl` (one `{"path", "video_id", "reason", "detail"}` per failed clip of
 this run) are written atomically. Failure reasons: missing, unreadable (cannot be opened: not a media
@@ -136,22 +141,29 @@ def _clean(name: str) -> str:
 
 
 def _unique_ids(entries: list[tuple[Path, str | None]], root: Path) -> list[str]:
-    """Ids from the file stems (safe characters only); clashes fall back to the relative path."""
-    ids = [_clean(given or p.stem) for p, given in entries]
+    """Ids from the path relative to `root` (SRC, or a CSV's folder; the stem for a CSV's file outside
+    it), folders joined by `__`, suffix dropped, safe characters only: `a/b/real.mp4` -> `a__b__real`.
+    An id depends on its own path only, so it stays the same as the folder grows. A CSV's `video_id`
+    wins. Paths that still collide (`x.mp4` beside `x.mkv`) take their suffix (`x_mkv`), then a counter."""
+    ids = [_clean(given) if given else _path_id(p, root) for p, given in entries]
     counts = Counter(ids)
     for j, (p, given) in enumerate(entries):
-        if counts[ids[j]] > 1 and not given:
-            try:
-                rel = p.resolve().relative_to(root.resolve()).with_suffix("")
-            except ValueError:
-                rel = p.with_suffix("")
-            ids[j] = _clean("__".join(rel.parts))
+        if counts[ids[j]] > 1 and not given and p.suffix:
+            ids[j] = f"{ids[j]}_{_clean(p.suffix[1:])}"
     seen: Counter = Counter()
     for j, vid in enumerate(ids):
         seen[vid] += 1
         if seen[vid] > 1:
             ids[j] = f"{vid}_{seen[vid] - 1}"
     return ids
+
+
+def _path_id(path: Path, root: Path) -> str:
+    try:
+        rel = path.resolve().relative_to(root.resolve())
+    except ValueError:
+        rel = Path(path.name)
+    return _clean("__".join(rel.with_suffix("").parts))
 
 
 def _row(clip: Clip, s: Settings) -> dict:

@@ -20,6 +20,7 @@ left out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,9 +30,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from crossmae_fast.components.run_lock import RunLock
 from crossmae_fast.config import DataConfig, EvalConfig, data_config
 from crossmae_fast.data import make_loader
 from crossmae_fast.data.box_annotations import center_crop_boxes
+from crossmae_fast.data.clips import first_seen
 from crossmae_fast.data.manifest import frame_path, read_manifest
 from crossmae_fast.eval import pictures
 from crossmae_fast.eval.localization import ClipBoxes, MapScores, clip_boxes
@@ -74,11 +77,20 @@ def evaluate(model: torch.nn.Module, manifest: str | Path, cfg: EvalConfig | Non
     workers); by default the model's sizes with the manifest's statistics. With `cfg.probe_data` (a
     train manifest) the localization probe is trained once per probe seed and scored like the
     zero-shot map. With `cfg.out`, the pictures and then `metrics.json` (the returned dict) are
-    written there. The batches go to the model's device."""
-    model.eval()
+    written there, a folder this process holds for the evaluation's length (`RunLock`: `RunFolderBusy`
+    if another process writes there). The batches go to the model's device. An empty manifest is a
+    ValueError."""
     cfg = cfg if cfg is not None else EvalConfig()
-    dcfg = data if data is not None else data_config(model.cfg)
     rows = read_manifest(manifest)
+    if not rows:
+        raise ValueError(f"{manifest}: the manifest has no rows to evaluate")
+    with RunLock(cfg.out) if cfg.out is not None else contextlib.nullcontext():
+        return _evaluate(model, manifest, rows, cfg, data)
+
+
+def _evaluate(model, manifest, rows: list[dict], cfg: EvalConfig, data: DataConfig | None) -> dict:
+    model.eval()
+    dcfg = data if data is not None else data_config(model.cfg)
     heads = _probe_heads(model, cfg, dcfg)
     loader = make_loader(manifest, batch_size=cfg.batch_size, train=False, data_config=dcfg, device=_device(model),
                          seed=cfg.seed)
@@ -136,8 +148,7 @@ def _scan(model, loader, rows: list[dict], heads: dict, cfg: EvalConfig, frame: 
     want = _picture_rows(rows, cfg.pictures)
     for batch in loader:
         audio, image, index = batch["audio"], batch["image"], batch["index"].tolist()
-        # a bad clip is replaced by the next good one: count each row once so pairs stay unique
-        fresh = [i for i, r in enumerate(index) if r not in scan.feats_a]
+        fresh = first_seen(index, scan.feats_a)
         if not fresh:
             continue
         sel = torch.tensor(fresh, device=audio.device)

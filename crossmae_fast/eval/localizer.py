@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from crossmae_fast import files
 from crossmae_fast.config import DataConfig
 from crossmae_fast.data.media import MediaError
 from crossmae_fast.eval import overlay
@@ -128,6 +129,8 @@ def error_line(path: Path, e: Exception) -> str:
         if e.reason == "missing":
             return f"{path}: no such file"
         return e.detail if e.detail.startswith(str(path)) else f"{path}: {e.detail}"
+    if isinstance(e, OSError):  # an output that cannot be written: the file and the system's reason
+        return f"{path}: {files.error_line(e)}"
     return f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from crossmae_fast.data.clips import first_seen
 from crossmae_fast.files import atomic_write
 
 
@@ -95,7 +96,7 @@ def frozen_features(model: nn.Module, loader, max_clips: int) -> tuple[torch.Ten
     audio, patches, seen = [], [], set()
     for batch in loader:
         index = batch["index"].tolist()
-        fresh = [i for i, r in enumerate(index) if r not in seen]  # bad clips come back as replacements
+        fresh = first_seen(index, seen)  # bad clips come back as replacements
         seen.update(index[i] for i in fresh)
         if fresh:
             sel = torch.tensor(fresh, device=batch["audio"].device)

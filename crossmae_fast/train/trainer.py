@@ -29,10 +29,11 @@ from crossmae_fast.components.checkpoint import TrainState
 from crossmae_fast.components.lr_schedule import Schedule, schedule_for
 from crossmae_fast.components.metrics_log import MetricsLog, format_eta
 from crossmae_fast.components.rng import gather_rng, seed_all, set_rng_state
+from crossmae_fast.components.run_lock import hold_run_folder
 from crossmae_fast.components.stopping import Stopper
 from crossmae_fast.config import RunConfig
 from crossmae_fast.data import normalisation
-from crossmae_fast.files import atomic_write
+from crossmae_fast.files import WRITE_ERRNOS, WriteError, atomic_write
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.train.step import TrainStep, make_optimizer
 
@@ -92,13 +93,20 @@ class Trainer:
         self.stopped: str | None = None
         self.checkpoint: Path | None = None
         self.lr = 0.0
+        self.start_step = 0  # where this process began (a resume's step)
+        self.skips_logged = 0  # clips replaced (all ranks) up to the last metrics record
 
     # --- set-up -----------------------------------------------------------------------------------
 
     def fit(self) -> dict:
-        """Set up (resuming when `train.resume` says so), train until the end, a stop or a NaN, then
-        export the encoders and evaluate (after a complete run)."""
+        """Hold the run folder (`RunFolderBusy` if another process does), set up (resuming when
+        `train.resume` says so), train until the end, a stop or a NaN, then export the encoders and
+        evaluate (after a complete run)."""
         self._start_process()
+        with hold_run_folder(self.cfg.train.out, self.is_main):
+            return self._fit()
+
+    def _fit(self) -> dict:
         path = self._resume_path()
         manifests = self._manifests()
         # settings derived from the data belong here, before the config is compared with a checkpoint's:
@@ -108,7 +116,10 @@ class Trainer:
         self._build(resume, manifests["train"])
         self._announce()
         with self.stopper:
-            self._run()
+            try:
+                self._run()
+            except OSError as e:
+                raise self._write_failed(e) from None
         return self._finish(manifests.get("eval"))
 
     def _start_process(self) -> None:
@@ -181,6 +192,7 @@ class Trainer:
             self.optimizer.load_state_dict(resume["optimizer"])
             self.state.load_state_dict(resume)
             set_rng_state(self.state.rng[self.rank])
+            self.start_step = self.state.step
         else:
             seed_all(t.seed + self.rank)  # per-rank masking noise
         self.train_step = self._train_step()
@@ -276,9 +288,26 @@ class Trainer:
         return reason is not None
 
     def _flush(self) -> None:
-        record = self.metrics.flush(self.train_step, self.state.step, self.lr)
+        """Write a metrics record (with the clips the loader skipped since the last one), then stop the
+        run if too many clips were skipped. Every rank calls it at the same steps."""
+        replaced = distributed.all_sum([self.loader.stats.replaced], self.device)[0]
+        record = self.metrics.flush(self.train_step, self.state.step, self.lr,
+                                    {"skipped": replaced - self.skips_logged})
         if record is not None:
             self.state.metrics = record
+            self.skips_logged = replaced
+        self._check_skips(replaced)
+
+    def _check_skips(self, replaced: int) -> None:
+        """ValueError when more than `max_skip_fraction` of the clips this process has fed were replaced."""
+        seen = (self.state.step - self.start_step) * self.cfg.train.batch_size * self.world
+        limit = self.cfg.train.max_skip_fraction
+        if seen and replaced > limit * seen:
+            last = ckpt.latest_checkpoint(self.cfg.train.out) if self.is_main else None
+            raise ValueError(
+                f"{replaced} of the {seen} clips seen were unreadable and replaced ({replaced / seen:.1%}, over "
+                f"--max-skip-fraction {limit:g}); the warnings above name the rows. Fix or drop them, or raise "
+                f"--max-skip-fraction, then --resume auto (last checkpoint: {last or 'none'})")
 
     def save(self, reason: str) -> None:
         """Flush the metrics (never save past a NaN), gather every rank's RNG state, write (rank 0)."""
@@ -292,6 +321,15 @@ class Trainer:
                 self.cfg.train.keep)
             log.info("checkpoint (%s): %s", reason, self.checkpoint)
         distributed.barrier()
+
+    def _write_failed(self, e: OSError) -> OSError:
+        """A write that failed mid-run (a full disk: a checkpoint, the metrics log) as a `WriteError` that
+        also names the last good checkpoint, which atomic writes leave intact; other errors unchanged."""
+        if not isinstance(e, WriteError) and e.errno not in WRITE_ERRNOS:
+            return e
+        kept = ckpt.latest_checkpoint(self.cfg.train.out)
+        return WriteError(e.errno, f"{e.strerror}; stopped at step {self.state.step}, the last good checkpoint "
+                                   f"{kept or '(none)'} is kept: free space, then --resume auto", e.filename)
 
     # --- the end ----------------------------------------------------------------------------------
 
