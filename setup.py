@@ -39,6 +39,7 @@ setup(
             "crossmae-synth=crossmae_fast.synth:main",
             "crossmae-finetune=crossmae_fast.finetune:main",
             "crossmae-shard=crossmae_fast.shard:main",
+            "crossmae-localize=crossmae_fast.localize:main",
         ]
     },
 )

@@ -362,7 +362,10 @@ class EvalConfig:
     probe_data: str | None = opt(None, "train a localization probe on this manifest's clips (the run's train "
                                  "split) on top of the frozen encoders, and score its maps too")
     probe_steps: int = opt(300, "probe training steps")
-    probe_seeds: tuple[int, ...] = opt((0, 1), "one probe per seed, scored separately and averaged")
+    probe_seeds: tuple[int, ...] = opt((0, 1, 2, 3, 4), "one probe per seed, scored separately, averaged and with "
+                                       "their standard deviation (one probe seed moves a figure as much as training)")
+    save_probe: str | None = opt(None, "write the trained probe heads (one per probe seed) to this file, for "
+                                 "localize --probe; needs --probe-data")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -374,6 +377,8 @@ class EvalConfig:
             raise ValueError(f"--pictures={self.pictures} must not be negative")
         if not self.probe_seeds:
             raise ValueError("--probe-seeds: give at least one")
+        if self.save_probe and not self.probe_data:
+            raise ValueError("--save-probe needs --probe-data (the manifest the probe is trained on)")
         check_device(self.device)
 
 

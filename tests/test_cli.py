@@ -16,7 +16,7 @@ from crossmae_fast.components.checkpoint import TrainState, checkpoint_state
 from crossmae_fast.config import EvalConfig, RunConfig, model_config, run_config
 from crossmae_fast.model.crossmae import CrossMAE
 
-CLIS = ("pretrain", "evaluate", "learning_check", "prepare", "synth", "annotations")
+CLIS = ("pretrain", "evaluate", "learning_check", "prepare", "synth", "annotations", "localize")
 SHARED = ("--data", "--out", "--batch-size", "--device", "--seed", "--loader", "--workers")
 """Options that mean the same thing wherever they appear; pretrain's spelling and types are the reference."""
 EXPECTED = {  # shared options each tool must have
@@ -25,6 +25,7 @@ EXPECTED = {  # shared options each tool must have
     "prepare": ("--out",),  # --processes: extraction processes, not loader workers
     "synth": ("--out", "--seed"),  # --threads: writer threads
     "annotations": ("--out",),
+    "localize": ("--out", "--batch-size", "--device", "--workers"),
 }
 OTHER_SPELLINGS = ("--backend", "--num-workers", "--num_workers", "--batch_size", "--output", "--manifest",
                    "--bs", "--nworkers")

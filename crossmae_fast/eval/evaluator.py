@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import statistics
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ from crossmae_fast.data.manifest import frame_path, read_manifest
 from crossmae_fast.eval import pictures
 from crossmae_fast.eval.localization import ClipBoxes, MapScores, clip_boxes
 from crossmae_fast.eval.metrics import RECALL_AT, localization_map, normalise_maps, retrieval_report
-from crossmae_fast.eval.probe import ProbeConfig, fit_probe, frozen_features
+from crossmae_fast.eval.probe import ProbeConfig, fit_probe, frozen_features, save_probes
 from crossmae_fast.files import atomic_write
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,11 @@ def _probe_heads(model, cfg: EvalConfig, dcfg: DataConfig) -> dict:
     train_a, train_p = frozen_features(model, loader, probe.max_clips)
     heads = {s: fit_probe(train_a, train_p, probe, s) for s in probe.seeds}
     log.info("localization probe: %d heads trained on %d clips of %s", len(heads), len(train_a), cfg.probe_data)
+    if cfg.save_probe:
+        Path(cfg.save_probe).parent.mkdir(parents=True, exist_ok=True)
+        save_probes(cfg.save_probe, heads, probe, {"checkpoint": cfg.checkpoint, "probe_data": str(cfg.probe_data),
+                                                   "variant": model.cfg.variant, "clips": len(train_a)})
+        log.info("localization probe heads saved to %s", cfg.save_probe)
     return heads
 
 
@@ -184,7 +190,7 @@ def _result(model, manifest, scan: _Scan, cfg: EvalConfig, dcfg: DataConfig) -> 
         per_seed = {str(s): p.summary() for s, p in scan.probed.items()}
         probe = ProbeConfig(steps=cfg.probe_steps, seeds=cfg.probe_seeds)
         result["probe"] = {"config": dataclasses.asdict(probe), "manifest": str(cfg.probe_data),
-                           "seeds": per_seed, "mean": _mean_of(per_seed.values())}
+                           "seeds": per_seed, "mean": _mean_of(per_seed.values()), "std": _std_of(per_seed.values())}
     return result
 
 
@@ -201,6 +207,13 @@ def _score(scores: MapScores, audio: torch.Tensor, patches: torch.Tensor, clips:
 def _mean_of(summaries) -> dict:
     summaries = list(summaries)
     return {k: sum(s[k] for s in summaries) / len(summaries) for k in summaries[0]
+            if all(isinstance(s.get(k), float) for s in summaries)}
+
+
+def _std_of(summaries) -> dict:
+    """Sample standard deviation over the probe seeds of each figure (0 for one seed)."""
+    summaries = list(summaries)
+    return {k: statistics.stdev([s[k] for s in summaries]) if len(summaries) > 1 else 0.0 for k in summaries[0]
             if all(isinstance(s.get(k), float) for s in summaries)}
 
 

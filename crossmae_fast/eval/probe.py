@@ -14,13 +14,16 @@ Everything is seeded: the same features and seed give the same heads.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from crossmae_fast.data.clips import first_seen
+from crossmae_fast.files import atomic_write
 
 
 @dataclass
@@ -105,3 +108,39 @@ def frozen_features(model: nn.Module, loader, max_clips: int) -> tuple[torch.Ten
     if not audio:
         raise ValueError("probe: the probe manifest yielded no clips")
     return torch.cat(audio)[:max_clips], torch.cat(patches)[:max_clips]
+
+
+PROBE_FORMAT = "crossmae_fast.probe/1"
+
+
+def save_probes(path: str | Path, heads: dict[int, ProbeHeads], cfg: ProbeConfig, source: dict) -> Path:
+    """Write trained heads (one per probe seed) with their settings and `source` (what they were
+    trained on: checkpoint, manifest, encoder width) to `path`; loadable with `weights_only=True`."""
+    path = Path(path)
+    first = next(iter(heads.values()))
+    state = {"format": PROBE_FORMAT, "config": {k: list(v) if isinstance(v, tuple) else v
+                                                for k, v in dataclasses.asdict(cfg).items()},
+             "width": first.audio.in_features, "source": dict(source),
+             "heads": {str(s): {k: v.detach().cpu() for k, v in h.state_dict().items()} for s, h in heads.items()}}
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_probes(path: str | Path) -> tuple[list[ProbeHeads], dict]:
+    """(heads in eval mode, the file's fields but the weights) of a file `save_probes` wrote; ValueError
+    naming the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such probe file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a probe file ({type(e).__name__})") from e
+    if not isinstance(state, dict) or state.get("format") != PROBE_FORMAT:
+        raise ValueError(f"{path}: not a probe file written by evaluate --save-probe")
+    dim = int(state["config"]["dim"])
+    heads = []
+    for weights in state["heads"].values():
+        h = ProbeHeads(int(state["width"]), dim)
+        h.load_state_dict(weights)
+        heads.append(h.eval())
+    return heads, {k: v for k, v in state.items() if k != "heads"}

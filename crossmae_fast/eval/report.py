@@ -5,6 +5,7 @@ side by side); `crossmae_fast.learning_check` is the command line around them.""
 from __future__ import annotations
 
 import dataclasses
+import statistics
 from pathlib import Path
 
 import torch
@@ -54,25 +55,27 @@ def format_tables(result: dict) -> str:
 
 
 RETRIEVAL_FACTOR = 3.0
-PROBE_MIN = 0.6
-PROBE_MARGIN = 0.10
-MISMATCH_TOLERANCE = 0.10
 VARIANTS = ("crossmae", "cl-av")
 """The variants the learning check trains (each must pass the retrieval target)."""
-THRESHOLDS = {"retrieval_r10_x_chance": RETRIEVAL_FACTOR, "probe_selection_min": PROBE_MIN,
-              "probe_margin_over_best_random": PROBE_MARGIN, "mismatched_tolerance": MISMATCH_TOLERANCE}
+THRESHOLDS = {"retrieval_r10_x_chance": RETRIEVAL_FACTOR}
+"""The learning check's only targets: retrieval. Localization is measured and reported (docs/design.md,
+"What the synthetic set can and cannot show"), not judged."""
 
 
-def probe_selection(metrics: dict) -> tuple[float, float, float] | None:
-    """(selection accuracy, mismatched-audio selection accuracy, chance), means over probe seeds."""
-    mean = (metrics.get("probe") or {}).get("mean") or {}
-    if "selection_accuracy" not in mean:
+def probe_spread(metrics: dict, key: str = "selection_accuracy") -> dict | None:
+    """A probe figure over the probe seeds: {"mean", "std" (sample, n - 1; 0 for one seed), "seeds":
+    {seed: value}}; None without a probe."""
+    seeds = (metrics.get("probe") or {}).get("seeds") or {}
+    values = {s: v[key] for s, v in seeds.items() if isinstance(v.get(key), float)}
+    if not values:
         return None
-    return mean["selection_accuracy"], mean.get("mismatched_selection_accuracy", float("nan")), mean["selection_chance"]
+    xs = list(values.values())
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0, "seeds": values}
 
 
 def learning_check_targets(models: dict[str, dict]) -> list[dict]:
-    """The learning check's targets (`THRESHOLDS`): each target's check per model it concerns: value, bar, pass."""
+    """The learning check's targets (`THRESHOLDS`): R@10 both ways for every trained model of `VARIANTS`,
+    each with its value, bar and pass."""
     out = []
     for variant in VARIANTS:
         for name, m in models.items():
@@ -84,27 +87,54 @@ def learning_check_targets(models: dict[str, dict]) -> list[dict]:
                 value = met["retrieval"][d]["r10"]
                 out.append({"target": f"{variant}: {label} R@10 >= {RETRIEVAL_FACTOR:g}x chance", "model": name,
                             "value": value, "bar": bar, "pass": value >= bar})
-    random_sel = [s[0] for m in models.values() if m["random_init"] and (s := probe_selection(m["metrics"]))]
-    best_random = max(random_sel) if random_sel else float("nan")
-    for name, m in models.items():
-        if m["variant"] != "crossmae" or m["random_init"]:
-            continue
-        sel = probe_selection(m["metrics"])
-        if sel is None:
-            continue
-        acc, mismatched, chance = sel
-        bar = max(PROBE_MIN, best_random + PROBE_MARGIN)
-        out.append({"target": f"crossmae: probe selection >= {PROBE_MIN:g} and >= best random init "
-                    f"+ {PROBE_MARGIN:g}", "model": name, "value": acc, "bar": bar, "pass": acc >= bar})
-        out.append({"target": f"crossmae: mismatched-audio probe selection within {MISMATCH_TOLERANCE:g} of "
-                    "chance", "model": name, "value": mismatched, "bar": chance,
-                    "pass": abs(mismatched - chance) <= MISMATCH_TOLERANCE})
     return out
+
+
+def localization_report(models: dict[str, dict]) -> list[dict]:
+    """Per model: the zero-shot map's selection accuracy (and from mismatched audio), the probe's
+    selection over probe seeds (`probe_spread`) and its mismatched-audio mean; each trained model with
+    the random inits' probe spreads beside it. Measurements, no verdict."""
+    def entry(name: str, m: dict) -> dict:
+        loc = m["metrics"].get("localization") or {}
+        mism = probe_spread(m["metrics"], "mismatched_selection_accuracy")
+        return {"model": name, "random_init": m["random_init"], "zero_shot": loc.get("selection_accuracy"),
+                "zero_shot_mismatched": loc.get("mismatched_selection_accuracy"),
+                "probe": probe_spread(m["metrics"]), "probe_mismatched": mism and mism["mean"],
+                "chance": loc.get("selection_chance")}
+
+    randoms = [entry(n, m) for n, m in models.items() if m["random_init"]]
+    rows = []
+    for name, m in models.items():
+        row = entry(name, m)
+        if not m["random_init"]:
+            row["random_inits"] = {r["model"]: r["probe"] for r in randoms}
+        rows.append(row)
+    return rows
 
 
 def fmt(x, digits: int = 3) -> str:
     """`x` with `digits` decimals; "-" for a missing value or NaN."""
     return "-" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _spread(s: dict | None) -> str:
+    return "-" if not s else f"{fmt(s['mean'])} ± {fmt(s['std'])}"
+
+
+def localization_markdown(rows: list[dict]) -> list[str]:
+    """The localization table: one line per model, the random inits beside each trained one."""
+    chance = next((r["chance"] for r in rows if r["chance"] is not None), None)
+    lines = [f"Localization (measured, no target; selection chance {fmt(chance)}): selection accuracy of the "
+             "zero-shot map, and of the probe over its probe seeds (mean ± standard deviation, then each seed)."
+             " Mismatched: the same from another clip's audio.", "",
+             "| model | zero-shot (mismatched) | probe mean ± std | probe per seed | probe, mismatched | "
+             "random inits' probe, beside it |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        seeds = " / ".join(fmt(v) for v in r["probe"]["seeds"].values()) if r["probe"] else "-"
+        beside = "; ".join(f"{n}: {_spread(s)}" for n, s in r.get("random_inits", {}).items()) or "(control)"
+        lines.append(f"| {r['model']} | {fmt(r['zero_shot'])} ({fmt(r['zero_shot_mismatched'])}) | "
+                     f"{_spread(r['probe'])} | {seeds} | {fmt(r['probe_mismatched'])} | {beside} |")
+    return lines
 
 
 def learning_check_markdown(results: dict) -> str:
@@ -136,6 +166,7 @@ def learning_check_markdown(results: dict) -> str:
         row(f"{kind}: non-sounding box cIoU / uniform", lambda m, g=get: fmt(g(m)["nonsounding_ciou_x_uniform"], 2))
         row(f"{kind}: mismatched audio, selection", lambda m, g=get: fmt(g(m)["mismatched_selection_accuracy"]))
         row(f"{kind}: mismatched audio, cIoU / uniform", lambda m, g=get: fmt(g(m)["mismatched_ciou_x_uniform"], 2))
+    row("probe selection: std over probe seeds", lambda m: fmt(probe_spread(m["metrics"])["std"]))
     row("probe selection per probe seed", lambda m: " / ".join(
         fmt(s["selection_accuracy"]) for s in m["metrics"]["probe"]["seeds"].values()))
     loc = first["localization"] or {}
@@ -143,7 +174,9 @@ def learning_check_markdown(results: dict) -> str:
     lines.append(f"| selection chance (mean 1 / objects) | {chance_cells} |")
     row("train steps / seconds",
         lambda m: f"{m['steps']} / {m['train_seconds']:.0f}" if m["steps"] else "0 (random init)")
-    lines += ["", "| target | model | value | bar | verdict |", "|---|---|---:|---:|---|"]
+    lines += ["", *localization_markdown(localization_report(models))]
+    lines += ["", "Targets (retrieval only):", "", "| target | model | value | bar | verdict |",
+              "|---|---|---:|---:|---|"]
     for t in results["targets"]:
         lines.append(f"| {t['target']} | {t['model']} | {fmt(t['value'])} | {fmt(t['bar'])} | "
                      f"{'PASS' if t['pass'] else 'FAIL'} |")
@@ -168,8 +201,8 @@ def evaluate_models(runs: dict[str, tuple[str, Path | None]], manifests: dict, c
             torch.manual_seed(1000 + int(name.split()[1]))
             model, dcfg = CrossMAE(mcfg).eval(), normalisation.resolve(data_config(mcfg), manifests["train"])
         metrics = evaluate(model, manifests["eval"], cfg, dataclasses.replace(dcfg, loader=loader, workers=workers))
-        sel = probe_selection(metrics)
+        sel = probe_spread(metrics)
         print(f"[{name}] R@10 {metrics['retrieval']['a2v']['r10']:.3f} / {metrics['retrieval']['v2a']['r10']:.3f}; "
-              f"probe selection {fmt(sel and sel[0])}", flush=True)
+              f"probe selection {_spread(sel)}", flush=True)
         models[name] = {"variant": variant, "random_init": run_dir is None, "metrics": metrics}
     return models
