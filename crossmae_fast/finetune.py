@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -77,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from crossmae_fast.classify.finetuner import Finetuner
     from crossmae_fast.components import distributed
     from crossmae_fast.components.metrics_log import NonFiniteLoss
+    from crossmae_fast.components.stopping import continue_command, exit_status
     from crossmae_fast.eval import classification_stats
 
     try:
@@ -100,17 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         distributed.cleanup()
-    return exit_status(summary.get("stopped"))
-
-
-def exit_status(stopped: str | None) -> int:
-    """0 for a finished run, 128 + n after a stop by signal n, 3 after the time limit (as pretrain)."""
-    if stopped is None:
-        return 0
-    try:
-        return 128 + signal.Signals[stopped].value
-    except KeyError:
-        return 3
+    status = exit_status(summary.get("stopped"))
+    if status:
+        log.info("stopped (%s); continue with: %s", summary["stopped"],
+                 continue_command("crossmae_fast.finetune", argv))
+    return status
 
 
 if __name__ == "__main__":

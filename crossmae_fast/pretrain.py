@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shlex
-import signal
 import sys
 from pathlib import Path
 
 from crossmae_fast import options
 from crossmae_fast.components import distributed
 from crossmae_fast.components.metrics_log import NonFiniteLoss
+from crossmae_fast.components.stopping import continue_command, exit_status
 from crossmae_fast.config import EvalConfig, RunConfig, run_config
 from crossmae_fast.files import error_line
 from crossmae_fast.train.trainer import Trainer, Validator
@@ -84,35 +83,6 @@ def make_validator(cfg: RunConfig) -> Validator:
     return validate
 
 
-STOPPED_EARLY = 3
-"""Exit status of a run stopped by its time limit (or by another rank): resume it."""
-
-
-def exit_status(stopped: str | None) -> int:
-    """0 for a finished run, 128 + n for a stop by signal n (the shells' convention), else 3."""
-    if stopped is None:
-        return 0
-    try:
-        return 128 + signal.Signals[stopped].value
-    except KeyError:
-        return STOPPED_EARLY
-
-
-def continue_command(argv: list[str]) -> str:
-    """The command line that continues this run: the same options with `--resume auto`."""
-    args, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--resume":
-            skip = True
-        elif not a.startswith("--resume="):
-            args.append(a)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    head = ["torchrun", "...", "-m"] if world > 1 else ["python", "-m"]
-    return shlex.join([*head, "crossmae_fast.pretrain", *args, "--resume", "auto"])
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
@@ -139,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     status = exit_status(summary["stopped"])
     if status:
         log.info("stopped (%s) at step %d, checkpoint %s; continue with: %s", summary["stopped"], summary["steps"],
-                 summary["checkpoint"], continue_command(argv))
+                 summary["checkpoint"], continue_command("crossmae_fast.pretrain", argv))
     return status
 
 

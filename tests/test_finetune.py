@@ -86,13 +86,15 @@ def stop_after(monkeypatch, calls: int):
     monkeypatch.setattr(ClassifyStep, "__call__", call)
 
 
-def test_resume_after_sigterm_is_exact(tiny_set, pretrained, tmp_path, monkeypatch):
+def test_resume_after_sigterm_is_exact(tiny_set, pretrained, tmp_path, monkeypatch, capsys):
     common = ("--init", str(pretrained), "--steps", "8", "--warmup", "2", "--mixup", "0.5", "--freqm", "8",
               "--timem", "30", "--drop-path", "0.2")
     assert finetune.main(args(tiny_set, tmp_path / "a", *common)) == 0
     with monkeypatch.context() as m:
         stop_after(m, 6)  # mid-epoch (4 steps per epoch)
         assert finetune.main(args(tiny_set, tmp_path / "b", *common)) == 128 + signal.SIGTERM
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "continue with: python -m crossmae_fast.finetune" in last and last.endswith("--resume auto"), last
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "b"))
     assert (state["step"], state["epoch"], state["batch"]) == (6, 1, 2)
     assert finetune.main(args(tiny_set, tmp_path / "b", *common, "--resume", "auto")) == 0

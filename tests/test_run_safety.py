@@ -17,6 +17,7 @@ import torch
 from crossmae_fast import learning_check, pretrain, shard, synth
 from crossmae_fast import prepare as prepare_cli
 from crossmae_fast.components import checkpoint as ckpt
+from crossmae_fast.components import stopping
 from crossmae_fast.components.run_lock import RunFolderBusy, RunLock
 from crossmae_fast.data.manifest import read_manifest, write_manifest
 from crossmae_fast.files import WriteError, atomic_write, error_line, writing
@@ -245,7 +246,7 @@ def test_signal_stop_exits_128_plus_n_and_says_how_to_continue(tiny_set, tmp_pat
     assert ckpt.latest_checkpoint(out).name == ckpt.checkpoint_name(2)
     monkeypatch.undo()
     assert pretrain.main(argv(tiny_set["train"], out, "--steps", "4", "--resume", "auto")) == 0
-    assert pretrain.exit_status("time limit") == pretrain.STOPPED_EARLY and pretrain.exit_status("SIGINT") == 130
+    assert stopping.exit_status("time limit") == stopping.STOPPED_EARLY and stopping.exit_status("SIGINT") == 130
 
 
 # --- skipped clips --------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ at the same step (a checkpoint needs every rank at the same place)."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import signal
 import time
 
@@ -54,3 +56,32 @@ class Stopper:
         if not at_log or not distributed.any_true(reason is not None, self.device):
             return None
         return reason or "stop on another rank"
+
+
+STOPPED_EARLY = 3
+"""Exit status of a run stopped by its time limit (or by another rank): resume it."""
+
+
+def exit_status(stopped: str | None) -> int:
+    """0 for a finished run, 128 + n for a stop by signal n (the shells' convention), else 3."""
+    if stopped is None:
+        return 0
+    try:
+        return 128 + signal.Signals[stopped].value
+    except KeyError:
+        return STOPPED_EARLY
+
+
+def continue_command(module: str, argv: list[str]) -> str:
+    """The command line that continues a run of the tool `module`: the same options with `--resume auto`."""
+    args, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            args.append(a)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    head = ["torchrun", "...", "-m"] if world > 1 else ["python", "-m"]
+    return shlex.join([*head, module, *args, "--resume", "auto"])
