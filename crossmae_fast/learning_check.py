@@ -9,36 +9,22 @@ them and `--random-inits` randomly initialised controls alike (retrieval, zero-s
 with its controls), and writes `results.json` / `results.md` (and `PREFIX.*` with `--report`). The
 targets are retrieval only (R@10 >= 3x chance both ways, both variants, every seed); localization is
 reported, not judged: the zero-shot map and the probe over `--probe-seeds` (mean, standard deviation,
-each seed) with the random inits beside each trained model (docs/design.md says why). The targets, the
-evaluation of the models and the table: crossmae_fast/eval/report.py. Exit status 0 whatever the
-verdict (it is data), 2 when a step fails.
+each seed) with the random inits beside each trained model (docs/design.md says why). The training runs:
+crossmae_fast/eval/learning_runs.py; the targets, the evaluation of the models and the table:
+crossmae_fast/eval/report.py. Exit status 0 whatever the verdict (it is data), 2 when a step fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from crossmae_fast.config import LOADERS, EvalConfig, run_config
 from crossmae_fast.files import atomic_write, error_line
-
-
-def run_logged(cmd: list[str], log: Path) -> float:
-    """Run `cmd`, its output to `log`; seconds taken. A failure raises with the log's tail."""
-    t0 = time.perf_counter()
-    with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
-        raise RuntimeError(f"{shlex.join(cmd)} exited with {rc}; end of {log}:\n{tail}")
-    return time.perf_counter() - t0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,28 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def train_all(a, train_manifest: Path, out: Path) -> tuple[dict, dict]:
-    """Pre-train every variant and seed as subprocesses: ({name: (variant, run folder, command)}, seconds)."""
-    from crossmae_fast.eval.report import VARIANTS
-
-    jobs = {}
-    for variant in VARIANTS:
-        for seed in a.seeds:
-            run_dir = out / f"{variant}-s{seed}"
-            jobs[f"{variant} s{seed}"] = (variant, run_dir, [
-                sys.executable, "-m", "crossmae_fast.pretrain", "--data", str(train_manifest), "--preset", "tiny",
-                "--variant", variant, "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--seed", str(seed),
-                "--loader", a.loader, "--workers", str(a.workers), "--threads", "1", "--out", str(run_dir),
-                "--resume", "auto", "--save-every", "0", "--keep", "1", "--log-every", "50", "--no-export-encoders",
-                *shlex.split(a.extra)])
-    with ThreadPoolExecutor(max(1, a.jobs)) as pool:
-        futures = {}
-        for name, (_, run_dir, cmd) in jobs.items():
-            print(f"[{name}] {shlex.join(cmd)}", flush=True)
-            futures[name] = pool.submit(run_logged, cmd, out / f"{run_dir.name}.pretrain.log")
-        return jobs, {name: f.result() for name, f in futures.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
@@ -99,6 +63,7 @@ def run(a: argparse.Namespace, argv: list[str] | None) -> int:
     import torch
 
     from crossmae_fast.data.synthetic import cached_synthetic_set
+    from crossmae_fast.eval import learning_runs
     from crossmae_fast.eval.report import THRESHOLDS, evaluate_models, learning_check_markdown, learning_check_targets
 
     if not 0 < a.eval_clips < a.clips:
@@ -111,7 +76,7 @@ def run(a: argparse.Namespace, argv: list[str] | None) -> int:
     paths = cached_synthetic_set(a.clips, seed=0, seconds=tiny.train.synth_seconds, image_size=tiny.model.image_size,
                                  eval_fraction=a.eval_clips / a.clips)
     try:
-        jobs, seconds = train_all(a, paths["train"], out)
+        jobs, seconds = learning_runs.train_all(a, paths["train"], out)
     except (RuntimeError, OSError) as e:
         print(f"learning_check: error: {e}", file=sys.stderr)
         return 2
@@ -128,7 +93,8 @@ def run(a: argparse.Namespace, argv: list[str] | None) -> int:
     results = {"command": shlex.join(["python", "-m", "crossmae_fast.learning_check", *argv_shown]), "args": vars(a),
                "synth": {k: str(v) for k, v in paths.items()}, "thresholds": THRESHOLDS, "models": models,
                "targets": learning_check_targets(models), "wall_seconds": time.perf_counter() - t0,
-               "train_wall_seconds": t1 - t0, "eval_wall_seconds": time.perf_counter() - t1, "host": _host()}
+               "train_wall_seconds": t1 - t0, "eval_wall_seconds": time.perf_counter() - t1,
+               "host": learning_runs.host_line()}
     table = learning_check_markdown(results)
     for prefix in [out / "results"] + ([Path(a.report)] if a.report else []):
         prefix.parent.mkdir(parents=True, exist_ok=True)
@@ -136,13 +102,6 @@ def run(a: argparse.Namespace, argv: list[str] | None) -> int:
         atomic_write(prefix.with_suffix(".md"), "# Learning check: tiny preset on the synthetic set\n\n" + table)
     print(table)
     return 0
-
-
-def _host() -> str:
-    import torch
-
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    return f"{dev}, load average {os.getloadavg()[0]:.1f} at the end"
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output folder (shards, indexes, shards.json)")
     ap.add_argument("--verify", metavar="SHARDS_JSON", help="check a shard folder instead of writing one")
     ap.add_argument("--clips-per-shard", type=int, default=1000, help="clips per tar (default 1000)")
-    ap.add_argument("--processes", "--workers", dest="processes", type=int, default=os.cpu_count() or 1,
-                    help="processes that read and check clips (default: CPU count; --workers is the same)")
+    ap.add_argument("--processes", type=int, default=os.cpu_count() or 1,
+                    help="processes that read and check clips (default: CPU count; --workers always means loader "
+                    "workers, as in prepare)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle (default 0)")
     ap.add_argument("--name", help="shard file prefix (default: the manifest's name)")
     ap.add_argument("--labels", help=f"label CSV to keep beside the shards (default: the manifest's {LABEL_CSV})")

@@ -16,7 +16,8 @@ from crossmae_fast.components.checkpoint import TrainState, checkpoint_state
 from crossmae_fast.config import EvalConfig, RunConfig, model_config, run_config
 from crossmae_fast.model.crossmae import CrossMAE
 
-CLIS = ("pretrain", "evaluate", "learning_check", "prepare", "synth", "annotations", "localize")
+CLIS = ("pretrain", "evaluate", "learning_check", "prepare", "synth", "annotations", "localize", "finetune",
+        "shard")
 SHARED = ("--data", "--out", "--batch-size", "--device", "--seed", "--loader", "--workers")
 """Options that mean the same thing wherever they appear; pretrain's spelling and types are the reference."""
 EXPECTED = {  # shared options each tool must have
@@ -26,6 +27,8 @@ EXPECTED = {  # shared options each tool must have
     "synth": ("--out", "--seed"),  # --threads: writer threads
     "annotations": ("--out",),
     "localize": ("--out", "--batch-size", "--device", "--workers"),
+    "finetune": SHARED,
+    "shard": ("--out", "--seed"),  # --processes: writer processes
 }
 OTHER_SPELLINGS = ("--backend", "--num-workers", "--num_workers", "--batch_size", "--output", "--manifest",
                    "--bs", "--nworkers")
