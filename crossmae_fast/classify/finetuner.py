@@ -213,7 +213,7 @@ class Finetuner:
                  self.world, self.precision, s.total, self.per_epoch, t.batch_size * self.world, s.base_lr,
                  c.head_lr_scale, s.warmup, self.out)
         settable = options.settable(FinetuneConfig, self.cfg.to_dict())
-        (self.out / "config.json").write_text(json.dumps(settable, indent=1) + "\n")
+        atomic_write(self.out / "config.json", json.dumps(settable, indent=1) + "\n")
 
     # --- the loop ---------------------------------------------------------------------------------
 

@@ -99,17 +99,13 @@ def _write_shard(out: Path, name: str, samples: list[tuple[str, dict]]) -> dict:
     """Write one tar (temporary name, renamed), then its index; return its shards.json entry."""
     wds = require("webdataset")
     tar, idx = out / f"{name}.tar", out / f"{name}.idx"
-    tmp = out / f".{name}.tar.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            with wds.TarWriter(f, encoder=False, mtime=MTIME) as w:
-                for key, sample in samples:
-                    w.write({"__key__": key, **sample})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, tar)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write_tar(f) -> None:
+        with wds.TarWriter(f, encoder=False, mtime=MTIME) as w:  # leaves `f` open for atomic_write's fsync
+            for key, sample in samples:
+                w.write({"__key__": key, **sample})
+
+    atomic_write(tar, write_tar)
     text = index_text(tar_members(tar))
     atomic_write(idx, lambda f: f.write(text.encode()))
     return {"tar": tar.name, "index": idx.name, "samples": len(samples), "bytes": tar.stat().st_size,
