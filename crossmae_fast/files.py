@@ -1,5 +1,5 @@
 """File helpers every layer may use (this module imports nothing of the package): the one atomic write,
-and the one way a tool words an output it cannot write."""
+the one way a tool words an output it cannot write, and the one safe read of a torch file."""
 
 from __future__ import annotations
 
@@ -88,3 +88,17 @@ def _write_replace(path: Path, tmp: Path, content, mode: int | None) -> None:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+def read_weights(path: str | os.PathLike, what: str) -> object:
+    """The torch file `path` (a `what`: "checkpoint", "probe file", ...) read with `weights_only=True` onto
+    the CPU; FileNotFoundError / ValueError naming the file when it is missing or cannot be read so."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from e

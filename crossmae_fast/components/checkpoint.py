@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from crossmae_fast.config import DataConfig, ModelConfig, RunConfig
-from crossmae_fast.files import atomic_write
+from crossmae_fast.files import atomic_write, read_weights
 from crossmae_fast.model.crossmae import CrossMAE
 from crossmae_fast.model.weights import encoder_state_dict
 
@@ -130,13 +130,7 @@ def save_checkpoint(folder: str | Path, state: dict, keep: int) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint read with `weights_only=True` onto the CPU; clear errors for what is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    state = read_weights(path, "checkpoint")
     missing = sorted(set(REQUIRED) - set(state if isinstance(state, dict) else ()))
     if missing:
         raise ValueError(f"{path}: not a crossmae_fast training checkpoint (missing {', '.join(missing)})")

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from crossmae_fast.data.clips import first_seen
-from crossmae_fast.files import atomic_write
+from crossmae_fast.files import atomic_write, read_weights
 
 
 @dataclass
@@ -128,13 +128,7 @@ def save_probes(path: str | Path, heads: dict[int, ProbeHeads], cfg: ProbeConfig
 def load_probes(path: str | Path) -> tuple[list[ProbeHeads], dict]:
     """(heads in eval mode, the file's fields but the weights) of a file `save_probes` wrote; ValueError
     naming the file for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such probe file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a probe file ({type(e).__name__})") from e
+    state = read_weights(path, "probe file")
     if not isinstance(state, dict) or state.get("format") != PROBE_FORMAT:
         raise ValueError(f"{path}: not a probe file written by evaluate --save-probe")
     dim = int(state["config"]["dim"])
