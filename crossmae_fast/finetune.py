@@ -16,11 +16,9 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 from crossmae_fast import options
 from crossmae_fast.config import FinetuneConfig, finetune_config
-from crossmae_fast.files import error_line
 
 log = logging.getLogger("crossmae_fast.finetune")
 SKIP = ("export_encoders",)
@@ -82,30 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from crossmae_fast.classify.finetuner import Finetuner
-    from crossmae_fast.components import distributed
-    from crossmae_fast.components.metrics_log import NonFiniteLoss
-    from crossmae_fast.components.stopping import continue_command, exit_status
+    from crossmae_fast.components.stopping import run_exit_status
     from crossmae_fast.eval import classification_stats
 
-    try:
-        summary = Finetuner(cfg, classification_stats).fit()
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 1
-    except (ValueError, FileNotFoundError) as e:  # bad configuration, labels, data, checkpoint, a busy folder
-        log.error("finetune: error: %s", str(e).replace(str(Path.cwd()) + os.sep, ""))
-        log.debug("traceback", exc_info=True)
-        return 2
-    except OSError as e:  # an output that cannot be written (permissions, read-only, a full disk)
-        log.error("finetune: error: %s", error_line(e))
-        return 2
-    finally:
-        distributed.cleanup()
-    status = exit_status(summary.get("stopped"))
-    if status:
-        log.info("stopped (%s); continue with: %s", summary["stopped"],
-                 continue_command("crossmae_fast.finetune", argv))
-    return status
+    return run_exit_status("finetune", "crossmae_fast.finetune", argv,
+                           lambda: Finetuner(cfg, classification_stats).fit())
 
 
 if __name__ == "__main__":

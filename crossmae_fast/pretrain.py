@@ -24,11 +24,8 @@ import sys
 from pathlib import Path
 
 from crossmae_fast import options
-from crossmae_fast.components import distributed
-from crossmae_fast.components.metrics_log import NonFiniteLoss
-from crossmae_fast.components.stopping import continue_command, exit_status
+from crossmae_fast.components.stopping import run_exit_status
 from crossmae_fast.config import EvalConfig, RunConfig, run_config
-from crossmae_fast.files import error_line
 from crossmae_fast.train.trainer import Trainer, Validator
 
 log = logging.getLogger("crossmae_fast.pretrain")
@@ -89,28 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    try:
-        summary = Trainer(cfg, make_validator(cfg)).fit()
-    except NonFiniteLoss as e:
-        log.error("%s", e)
-        return 1
-    except (ValueError, FileNotFoundError) as e:  # bad configuration, data, checkpoint, a busy run folder
-        log.error("pretrain: error: %s", e)
-        log.debug("traceback", exc_info=True)
-        return 2
-    except OSError as e:  # an output that cannot be written (permissions, read-only, a full disk)
-        log.error("pretrain: error: %s", error_line(e))
-        log.debug("traceback", exc_info=True)
-        return 2
-    finally:
-        distributed.cleanup()
-    if not summary:
-        return 1
-    status = exit_status(summary["stopped"])
-    if status:
-        log.info("stopped (%s) at step %d, checkpoint %s; continue with: %s", summary["stopped"], summary["steps"],
-                 summary["checkpoint"], continue_command("crossmae_fast.pretrain", argv))
-    return status
+    return run_exit_status("pretrain", "crossmae_fast.pretrain", argv,
+                           lambda: Trainer(cfg, make_validator(cfg)).fit())
 
 
 if __name__ == "__main__":

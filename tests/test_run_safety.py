@@ -345,3 +345,22 @@ def test_probe_features_count_each_row_once():
     with torch.no_grad():
         a, p = frozen_features(model, loader, max_clips=10)
     assert len(a) == len(p) == 3
+
+
+def test_run_exit_status_maps_each_outcome(capsys):
+    """The tools' exit status from a run's end: done, a non-finite loss, bad input, an unwritable output,
+    a stop (whose last line says how to continue)."""
+    from crossmae_fast.components.metrics_log import NonFiniteLoss
+
+    def raising(e):
+        def fit():
+            raise e
+        return fit
+
+    status = lambda fit: stopping.run_exit_status("tool", "crossmae_fast.tool", ["--out", "x"], fit)  # noqa: E731
+    assert status(lambda: {"stopped": None, "steps": 5}) == 0
+    assert status(raising(NonFiniteLoss("loss is nan"))) == 1
+    assert status(raising(ValueError("bad option"))) == 2
+    assert status(raising(WriteError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/ckpt.pt"))) == 2
+    assert status(lambda: {"stopped": "SIGTERM", "steps": 3, "checkpoint": "c.pt"}) == 128 + signal.SIGTERM
+    assert status(lambda: {"stopped": "time limit", "steps": 3}) == stopping.STOPPED_EARLY

@@ -1,16 +1,24 @@
 """When a run stops early: SIGINT / SIGTERM, a time limit, and, under DDP, the ranks agreeing to stop
-at the same step (a checkpoint needs every rank at the same place)."""
+at the same step (a checkpoint needs every rank at the same place); and how a run's end becomes its tool's
+exit status."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from crossmae_fast.components import distributed
+from crossmae_fast.components.metrics_log import NonFiniteLoss
+from crossmae_fast.files import error_line
+
+log = logging.getLogger(__name__)
 
 
 class Stopper:
@@ -85,3 +93,32 @@ def continue_command(module: str, argv: list[str]) -> str:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     head = ["torchrun", "...", "-m"] if world > 1 else ["python", "-m"]
     return shlex.join([*head, module, *args, "--resume", "auto"])
+
+
+def run_exit_status(tool: str, module: str, argv: list[str], fit: Callable[[], dict | None]) -> int:
+    """Run `fit` (a training or fine-tuning run) and return its tool's exit status: 0 done, 1 a non-finite
+    loss, 2 bad input or an output that cannot be written (one line), 3 / 128 + n stopped early, the last
+    line then saying how to continue."""
+    try:
+        summary = fit()
+    except NonFiniteLoss as e:
+        log.error("%s", e)
+        return 1
+    except (ValueError, FileNotFoundError) as e:  # bad configuration, data, labels, checkpoint, a busy folder
+        log.error("%s: error: %s", tool, str(e).replace(str(Path.cwd()) + os.sep, ""))
+        log.debug("traceback", exc_info=True)
+        return 2
+    except OSError as e:  # an output that cannot be written (permissions, read-only, a full disk)
+        log.error("%s: error: %s", tool, error_line(e))
+        log.debug("traceback", exc_info=True)
+        return 2
+    finally:
+        distributed.cleanup()
+    if not summary:
+        return 1
+    status = exit_status(summary.get("stopped"))
+    if status:
+        where = f", checkpoint {summary['checkpoint']}" if summary.get("checkpoint") else ""
+        log.info("stopped (%s) at step %d%s; continue with: %s", summary["stopped"], summary["steps"], where,
+                 continue_command(module, argv))
+    return status
