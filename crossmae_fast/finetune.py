@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from crossmae_fast import options
@@ -76,13 +75,12 @@ def parse_args(argv: list[str] | None = None) -> FinetuneConfig:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from crossmae_fast.classify.finetuner import Finetuner
+    from crossmae_fast.components import distributed
     from crossmae_fast.components.stopping import run_exit_status
     from crossmae_fast.eval import classification_stats
 
+    distributed.log_to_stdout()
     return run_exit_status("finetune", "crossmae_fast.finetune", argv,
                            lambda: Finetuner(cfg, classification_stats).fit())
 

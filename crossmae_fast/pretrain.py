@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from crossmae_fast import options
+from crossmae_fast.components import distributed
 from crossmae_fast.components.stopping import run_exit_status
 from crossmae_fast.config import EvalConfig, RunConfig, run_config
 from crossmae_fast.train.trainer import Trainer, Validator
@@ -83,9 +83,7 @@ def make_validator(cfg: RunConfig) -> Validator:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    distributed.log_to_stdout()
     return run_exit_status("pretrain", "crossmae_fast.pretrain", argv,
                            lambda: Trainer(cfg, make_validator(cfg)).fit())
 

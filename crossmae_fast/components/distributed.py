@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +119,10 @@ def set_threads(threads: int, device: torch.device) -> None:
         if torch.get_num_threads() > 1 and load > cores - 0.5:
             torch.set_num_threads(1)
             log.info("CPU busy (load %.1f on %d cores): 1 torch thread (--threads N to choose)", load, cores)
+
+
+def log_to_stdout() -> None:
+    """A run's log on stdout with timestamps: progress from rank 0, only warnings from the other ranks."""
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stdout,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
